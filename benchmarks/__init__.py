@@ -1,0 +1,1 @@
+"""Benchmarks: conversion throughput now; the lazy-start suite later."""
