@@ -1,0 +1,160 @@
+"""`nydusify check`: the converted tree equals the source's applied tree, and every chunk verifies.
+
+The source side is applied from its layer tars; file contents are compared as
+per-chunk digest lists at the bootstrap's chunk size, which `verify_blobs` then
+ties to the bytes: every chunk of every blob is fetched, decompressed and
+checked against its digest.
+"""
+from __future__ import annotations
+
+import json
+import stat
+from dataclasses import dataclass
+
+from rafs.blob import ChunkEntry
+from rafs.bootstrap import Bootstrap
+from rafs.tree import Inode, walk
+
+from .layer import LayerReader, buffered
+from .merge import merge_layers
+from .nydus_image import NydusImage, load_from_store
+from .store import ImageStore, open_store
+
+BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    mtime: tuple[int, int]
+    size: int
+    target: bytes
+    rdev: int
+    xattrs: tuple
+    content: tuple        # chunk digests (hex), "hole" for zero chunks
+
+    def diff(self, other: "Entry") -> list[str]:
+        out = []
+        for name in self.__dataclass_fields__:
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                if name == "mode":
+                    a, b = oct(a), oct(b)
+                elif name == "content":
+                    a, b = _first_diff(a, b)
+                out.append(f"{name} {a} != {b}")
+        return out
+
+
+def _first_diff(a: tuple, b: tuple) -> tuple[str, str]:
+    if len(a) != len(b):
+        return f"{len(a)} chunks", f"{len(b)} chunks"
+    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    return f"chunk {i} {a[i][:16]}", f"{b[i][:16]}"
+
+
+_KINDS = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink", stat.S_IFCHR: "chardev",
+          stat.S_IFBLK: "blockdev", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
+
+
+def _content(chunks) -> tuple:
+    return tuple("hole" if c is None else c for c in chunks)
+
+
+def source_entries(store: ImageStore, manifest: dict, chunk_size: int, digester: str):
+    config = json.loads(store.get_bytes(manifest["config"]["digest"]))
+    diff_ids = config["rootfs"]["diff_ids"]
+    trees = []
+    for i, layer in enumerate(manifest["layers"]):
+        name = f"source layer {i} ({layer['digest']})"
+        with store.open_blob(layer["digest"]) as raw:
+            reader = LayerReader(name, chunk_size, digester, None)
+            trees.append((name, reader.read(buffered(raw), diff_ids[i])))
+    root = merge_layers(trees)
+    return _tree_entries(root)
+
+
+def _tree_entries(root: Inode):
+    entries, groups = {}, {}
+    for path, node in walk(root):
+        entries[path] = Entry(_KINDS[node.kind], node.mode, node.uid, node.gid, (node.mtime, node.mtime_nsec),
+                              node.size if not node.is_dir() else 0, node.symlink, node.rdev,
+                              tuple(sorted(node.xattrs.items())),
+                              _content(c.digest.hex() if c else None for c in node.chunks))
+        if node.is_reg():
+            groups.setdefault(id(node), []).append(path)
+    return entries, _link_groups(groups)
+
+
+def _link_groups(groups: dict) -> dict[bytes, tuple]:
+    out = {}
+    for paths in groups.values():
+        if len(paths) > 1:
+            for p in paths:
+                out[p] = tuple(sorted(paths))
+    return out
+
+
+def target_entries(boot: Bootstrap, tocs: list[dict[int, ChunkEntry]]):
+    img = boot.erofs
+    entries, groups = {}, {}
+    stack = [(b"/", img.root_nid)]
+    while stack:
+        path, nid = stack.pop()
+        info = img.inode(nid)
+        kind = stat.S_IFMT(info.mode)
+        content = ()
+        if kind == stat.S_IFREG:
+            content = _content(None if idx is None else tocs[idx[0] - 1][idx[1] * BLOCK].digest.hex()
+                               for idx in img.chunk_indexes(nid))
+            groups.setdefault(nid, []).append(path)
+        entries[path] = Entry(_KINDS[kind], info.mode, info.uid, info.gid, (info.mtime, info.mtime_nsec),
+                              info.size if kind != stat.S_IFDIR else 0,
+                              img.readlink(nid) if kind == stat.S_IFLNK else b"", info.rdev,
+                              tuple(sorted(img.xattrs(nid).items())), content)
+        if kind == stat.S_IFDIR:
+            for name, child, _ in img.readdir(nid):
+                stack.append(((b"" if path == b"/" else path) + b"/" + name, child))
+    return entries, _link_groups(groups)
+
+
+def compare(expected, actual) -> list[str]:
+    (exp, exp_links), (act, act_links) = expected, actual
+    problems = []
+    for path in sorted(exp.keys() | act.keys()):
+        p = path.decode("utf-8", "backslashreplace")
+        if path not in act:
+            problems.append(f"{p}: missing from the converted image")
+        elif path not in exp:
+            problems.append(f"{p}: only in the converted image")
+        else:
+            problems += [f"{p}: {d}" for d in exp[path].diff(act[path])]
+            if exp_links.get(path) != act_links.get(path):
+                problems.append(f"{p}: hardlink group {exp_links.get(path)} != {act_links.get(path)}")
+    return problems
+
+
+def verify_blobs(image: NydusImage) -> tuple[list[dict[int, ChunkEntry]], int]:
+    """Fetch and verify every chunk of every blob; returns the TOCs by offset and the chunk count."""
+    tocs, count = [], 0
+    for i in range(len(image.bootstrap.meta.blobs)):
+        reader = image.blob_reader(i)
+        count += reader.verify_all()
+        tocs.append({e.uncompressed_offset: e for e in reader.toc})
+    return tocs, count
+
+
+def check(source: str, target: str, *, plain_http: bool = False, platform: str | None = None) -> tuple[list[str], dict]:
+    with open_store(source, plain_http=plain_http) as src, open_store(target, plain_http=plain_http) as dst:
+        image = load_from_store(dst, platform)
+        meta = image.bootstrap.meta
+        _, desc = src.manifests_for(src.resolve(), platform)[0]
+        manifest = json.loads(src.get_bytes(desc.digest))
+        tocs, chunks = verify_blobs(image)
+        expected = source_entries(src, manifest, meta.chunk_size, meta.digester)
+        actual = target_entries(image.bootstrap, tocs)
+        problems = compare(expected, actual)
+        return problems, {"entries": len(actual[0]), "chunks_verified": chunks, "blobs": len(tocs)}

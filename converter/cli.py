@@ -1,0 +1,133 @@
+"""`nydusify`: convert, check, inspect and export RAFS images."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from rafs.blob import CHUNK_SIZE_DEFAULT
+from rafs.errors import RafsError
+
+from .layer import LayerError
+
+
+def _size(text: str) -> int:
+    text = text.strip().lower()
+    units = {"k": 1 << 10, "m": 1 << 20}
+    if text.startswith("0x"):
+        return int(text, 16)
+    if text[-1:] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nydusify", description="Convert OCI images to lazily pulled RAFS images.")
+    p.add_argument("--debug", action="store_true", help="log what happens")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to registries")
+        sp.add_argument("--platform", help="os/arch[/variant] of a multi-platform image")
+
+    c = sub.add_parser("convert", help="convert SRC (oci:DIR[:TAG] or HOST/REPO:TAG) into DST")
+    c.add_argument("--source", required=True)
+    c.add_argument("--target", required=True)
+    c.add_argument("--chunk-size", type=_size, default=CHUNK_SIZE_DEFAULT,
+                   help="power of two, 4K..16M (accepts 0x100000, 1M, 1048576); default 1M")
+    c.add_argument("--compressor", choices=["zstd", "lz4", "none"], default="zstd")
+    c.add_argument("--digester", choices=["sha256", "blake3"], default="sha256")
+    c.add_argument("--chunk-dict", help="a converted image (REF) or bootstrap file whose chunks are reused")
+    c.add_argument("--prefetch-patterns", help="file listing paths (one per line) to fetch first at mount")
+    c.add_argument("--all-platforms", action="store_true", help="convert every platform (the default for an index)")
+    common(c)
+
+    k = sub.add_parser("check", help="verify that TARGET is a faithful conversion of SOURCE")
+    k.add_argument("--source", required=True)
+    k.add_argument("--target", required=True)
+    common(k)
+
+    i = sub.add_parser("inspect", help="summarize a converted image or bootstrap file")
+    i.add_argument("ref")
+    i.add_argument("--json", action="store_true")
+    common(i)
+
+    e = sub.add_parser("export", help="write DIR/image.boot and DIR/devices/N for a kernel EROFS mount")
+    e.add_argument("ref")
+    e.add_argument("dir")
+    common(e)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except (RafsError, LayerError, ValueError, OSError) as e:
+        print(f"nydusify {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _convert(args) -> int:
+    from .convert import ConvertOptions, convert
+    from .prefetch import read_patterns
+    opts = ConvertOptions(chunk_size=args.chunk_size, compressor=args.compressor, digester=args.digester,
+                          chunk_dict=args.chunk_dict, platform=args.platform, plain_http=args.plain_http,
+                          prefetch_patterns=read_patterns(args.prefetch_patterns) if args.prefetch_patterns else [],
+                          progress=True)
+    start = time.monotonic()
+    results = convert(args.source, args.target, opts)
+    elapsed = time.monotonic() - start
+    for r in results:
+        size = sum(b.info.compressed_size for b in r.blobs)
+        print(f"converted {r.platform or 'image'}: {r.descriptor['digest']}  {len(r.blobs)} blobs, "
+              f"{size / 1e6:.1f} MB (source {r.source_bytes / 1e6:.1f} MB), {r.uploaded} uploaded")
+    print(f"{args.target} written in {elapsed:.1f} s")
+    return 0
+
+
+def _check(args) -> int:
+    from .check import check
+    problems, stats = check(args.source, args.target, plain_http=args.plain_http, platform=args.platform)
+    if problems:
+        print(f"check FAILED: {len(problems)} differences between {args.source} and {args.target}:")
+        for line in problems[:200]:
+            print("  " + line)
+        if len(problems) > 200:
+            print(f"  ... and {len(problems) - 200} more")
+        return 1
+    print(f"check OK: {stats['entries']} entries equal, {stats['chunks_verified']} chunks in "
+          f"{stats['blobs']} blobs verified")
+    return 0
+
+
+def _inspect(args) -> int:
+    from .inspect import render, summarize
+    from .nydus_image import open_nydus_image
+    with open_nydus_image(args.ref, plain_http=args.plain_http, platform=args.platform) as image:
+        summary = summarize(image)
+    print(json.dumps(summary, indent=2) if args.json else render(summary))
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export
+    from .nydus_image import open_nydus_image
+    with open_nydus_image(args.ref, plain_http=args.plain_http, platform=args.platform) as image:
+        devices = export(image, args.dir)
+    opts = ",".join(f"device={d}" for d in devices)
+    print(f"wrote {args.dir}/image.boot and {len(devices)} devices; mount with mount(2): "
+          f"source={args.dir}/image.boot type=erofs flags=MS_RDONLY data={opts or '(none)'}")
+    return 0
+
+
+_COMMANDS = {"convert": _convert, "check": _check, "inspect": _inspect, "export": _export}
+
+if __name__ == "__main__":
+    sys.exit(main())

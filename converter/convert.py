@@ -1,0 +1,214 @@
+"""`nydusify convert`: an OCI image (registry or layout) -> a RAFS image.
+
+Per platform manifest: layers are read and chunked concurrently, merged into
+one tree, packed into deduplicated blobs, and the bootstrap is written. The
+target is tagged last, after every blob and manifest landed, so a failed
+conversion never leaves a half-written tag behind.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from rafs import blob as rblob
+from rafs.bootstrap import RafsMeta, write_bootstrap
+
+from . import media
+from .chunkdict import load_chunk_dict
+from .layer import LayerReader, LayerTree, buffered
+from .merge import merge_layers
+from .pack import ChunkDict, ChunkStage, PackedBlob, pack_blobs, resolve_chunks
+from .prefetch import expand_prefetch
+from .progress import Progress
+from .store import Descriptor, ImageStore, open_store
+
+
+@dataclass
+class ConvertOptions:
+    chunk_size: int = rblob.CHUNK_SIZE_DEFAULT
+    compressor: str = "zstd"
+    digester: str = "sha256"
+    chunk_dict: str | None = None
+    prefetch_patterns: list[str] = field(default_factory=list)
+    platform: str | None = None          # None: every platform of an index
+    plain_http: bool = False
+    workers: int = max(2, os.cpu_count() or 2)
+    progress: bool = False
+
+
+@dataclass
+class ConvertedManifest:
+    platform: str | None
+    descriptor: dict
+    blobs: list[PackedBlob]
+    uploaded: int
+    source_bytes: int
+
+
+def convert(source: str, target: str, opts: ConvertOptions) -> list[ConvertedManifest]:
+    rblob.validate_chunk_size(opts.chunk_size)
+    with open_store(source, plain_http=opts.plain_http) as src, \
+            open_store(target, plain_http=opts.plain_http, create=True) as dst, \
+            tempfile.TemporaryDirectory(prefix="nydusify-") as workdir, \
+            ThreadPoolExecutor(opts.workers, thread_name_prefix="chunk") as pool:
+        chunk_dict = load_chunk_dict(opts.chunk_dict, dst, opts.plain_http) if opts.chunk_dict else None
+        top = src.resolve()
+        entries = src.manifests_for(top, opts.platform)
+        if not entries:
+            raise ValueError(f"{source}: no manifest for platform {opts.platform}")
+        results = []
+        for platform, desc in entries:
+            sub = os.path.join(workdir, str(len(results)))
+            os.mkdir(sub)
+            results.append(_convert_manifest(src, dst, desc, platform, opts, chunk_dict, sub, pool))
+        if top.media_type in media.INDEX_TYPES and opts.platform is None:
+            index = {
+                "schemaVersion": 2,
+                "mediaType": media.OCI_INDEX,
+                "manifests": [dict(r.descriptor, platform=_platform_obj(r.platform)) for r in results],
+            }
+            dst.tag(_json(index), media.OCI_INDEX)
+        else:
+            dst.tag(results[0].descriptor["_data"], media.OCI_MANIFEST)
+        for r in results:
+            r.descriptor.pop("_data", None)
+        return results
+
+
+def _convert_manifest(src: ImageStore, dst: ImageStore, desc: Descriptor, platform: str | None,
+                      opts: ConvertOptions, chunk_dict: ChunkDict | None, workdir: str,
+                      pool: ThreadPoolExecutor) -> ConvertedManifest:
+    manifest = json.loads(src.get_bytes(desc.digest))
+    config = json.loads(src.get_bytes(manifest["config"]["digest"]))
+    layers = manifest["layers"]
+    diff_ids = _diff_ids(config, len(layers))
+    for layer in layers:
+        if layer.get("mediaType", "") in media.NYDUS_LAYER_TYPES or "containerd.io/snapshot/nydus-bootstrap" in (layer.get("annotations") or {}):
+            raise ValueError(f"{desc.digest}: source is already a nydus image")
+    progress = Progress(sum(l.get("size", 0) for l in layers), enabled=opts.progress,
+                        label=f"converting {platform or desc.digest[:19]}")
+    known = set(chunk_dict.chunks) if chunk_dict else set()
+    stages = [ChunkStage(os.path.join(workdir, f"stage-{i}"), opts.compressor, pool) for i in range(len(layers))]
+
+    def read_layer(i: int) -> tuple[str, LayerTree]:
+        name = f"layer {i} ({layers[i]['digest']})"
+        reader = LayerReader(name, opts.chunk_size, opts.digester, stages[i], seen=set(known))
+        try:
+            with src.open_blob(layers[i]["digest"]) as raw:
+                tree = reader.read(buffered(raw, progress.add), diff_ids[i])
+        finally:
+            stages[i].close()
+        return name, tree
+
+    # Layers are parsed concurrently (each its own thread); compression runs on `pool`.
+    with ThreadPoolExecutor(min(len(layers), 4) or 1, thread_name_prefix="layer") as layer_pool:
+        trees = list(layer_pool.map(read_layer, range(len(layers))))
+    progress.done()
+    root = merge_layers(trees)
+    own, owner = pack_blobs(stages, workdir, opts.compressor, opts.digester, chunk_dict)
+    table = resolve_chunks(root, own, owner, chunk_dict)
+    meta = RafsMeta(chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
+                    blobs=[b.info for b in table], prefetch=expand_prefetch(root, opts.prefetch_patterns))
+    boot_path = os.path.join(workdir, "image.boot")
+    with open(boot_path, "wb") as f:
+        write_bootstrap(root, meta, f)
+    boot_layer, boot_diff_id = _bootstrap_layer(boot_path, os.path.join(workdir, "bootstrap.tar.gz"))
+
+    uploaded = 0
+    layer_descs = []
+    for b in table:
+        digest = "sha256:" + b.info.blob_id
+        if b.path is not None:
+            uploaded += dst.put_blob(digest, b.path)
+        elif not dst.has_blob(digest):
+            uploaded += _copy_dict_blob(chunk_dict.store, dst, digest, workdir)
+        layer_descs.append({"mediaType": media.NYDUS_BLOB, "digest": digest, "size": b.info.compressed_size,
+                            "annotations": {media.ANNOTATION_BLOB: "true"}})
+    boot_digest = _file_digest(boot_layer)
+    dst.put_blob(boot_digest, boot_layer)
+    layer_descs.append({"mediaType": media.OCI_LAYER_GZIP, "digest": boot_digest, "size": os.path.getsize(boot_layer),
+                        "annotations": {media.ANNOTATION_BOOTSTRAP: "true", media.ANNOTATION_FS_VERSION: "6"}})
+
+    config["rootfs"] = {"type": "layers",
+                        "diff_ids": ["sha256:" + b.info.blob_id for b in table] + [boot_diff_id]}
+    config.pop("history", None)   # history entries would no longer line up with the layers
+    config_data = _json(config)
+    config_digest = "sha256:" + hashlib.sha256(config_data).hexdigest()
+    dst.put_bytes(config_digest, config_data)
+    out = {"schemaVersion": 2, "mediaType": media.OCI_MANIFEST,
+           "config": {"mediaType": media.OCI_CONFIG, "digest": config_digest, "size": len(config_data)},
+           "layers": layer_descs}
+    data = _json(out)
+    digest = dst.put_manifest(data, media.OCI_MANIFEST)
+    descriptor = {"mediaType": media.OCI_MANIFEST, "digest": digest, "size": len(data), "_data": data}
+    return ConvertedManifest(platform, descriptor, table, uploaded, sum(l.get("size", 0) for l in layers))
+
+
+def _copy_dict_blob(store: ImageStore, dst: ImageStore, digest: str, workdir: str) -> bool:
+    path = os.path.join(workdir, "dict-" + digest[7:])
+    with store.open_blob(digest) as f, open(path, "wb") as out:
+        while block := f.read(1 << 20):
+            out.write(block)
+    return dst.put_blob(digest, path)
+
+
+def _bootstrap_layer(boot_path: str, out_path: str) -> tuple[str, str]:
+    """A reproducible gzip tar holding image/image.boot; returns (path, diff_id)."""
+    diff = hashlib.sha256()
+
+    class _Tee(io.RawIOBase):
+        def __init__(self, gz):
+            self.gz = gz
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            diff.update(b)
+            return self.gz.write(b)
+
+    with open(out_path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        with tarfile.open(fileobj=_Tee(gz), mode="w|", format=tarfile.PAX_FORMAT) as tf:
+            for d in ("image",):
+                ti = tarfile.TarInfo(d)
+                ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 0
+                tf.addfile(ti)
+            ti = tarfile.TarInfo("image/image.boot")
+            ti.size, ti.mode, ti.mtime = os.path.getsize(boot_path), 0o644, 0
+            with open(boot_path, "rb") as f:
+                tf.addfile(ti, f)
+    return out_path, "sha256:" + diff.hexdigest()
+
+
+def _diff_ids(config: dict, count: int) -> list[str | None]:
+    ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    if len(ids) != count:
+        raise ValueError(f"image config lists {len(ids)} diff_ids for {count} layers")
+    return ids
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _platform_obj(platform: str | None) -> dict:
+    parts = (platform or "linux/amd64").split("/")
+    obj = {"os": parts[0], "architecture": parts[1]}
+    if len(parts) > 2:
+        obj["variant"] = parts[2]
+    return obj

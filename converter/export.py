@@ -1,0 +1,32 @@
+"""`nydusify export REF DIR`: DIR/image.boot plus each blob's uncompressed view as DIR/devices/N.
+
+The result is what the kernel's EROFS driver mounts directly:
+mount(2) DIR/image.boot as erofs with device=DIR/devices/0,device=DIR/devices/1,...
+"""
+from __future__ import annotations
+
+import os
+
+from .nydus_image import NydusImage
+
+
+def export(image: NydusImage, out_dir: str) -> list[str]:
+    dev_dir = os.path.join(out_dir, "devices")
+    os.makedirs(dev_dir, exist_ok=True)
+    devices = []
+    for i, info in enumerate(image.bootstrap.meta.blobs):
+        reader = image.blob_reader(i)
+        path = os.path.join(dev_dir, str(i))
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.truncate(info.uncompressed_size)     # sparse: only chunk data is written
+            for entry in reader.toc:
+                f.seek(entry.uncompressed_offset)
+                f.write(reader.read_chunk(entry))
+        os.replace(tmp, path)
+        devices.append(path)
+    boot_path = os.path.join(out_dir, "image.boot")
+    with open(boot_path + ".tmp", "wb") as f:
+        f.write(image.raw_bootstrap)
+    os.replace(boot_path + ".tmp", boot_path)
+    return devices

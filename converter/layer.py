@@ -1,0 +1,298 @@
+"""One layer tar stream -> a layer tree plus its chunks.
+
+The tar is read once, streaming (gzip, zstd or plain, detected by magic), so
+memory stays bounded by one chunk per worker whatever the layer's size. Each
+regular file is cut into fixed-size chunks; an all-zero chunk becomes a hole.
+What happens to a chunk's bytes is the `ChunkSink`'s business: the converter
+compresses and stages them, `check` only needs their digests.
+
+Whiteouts are not tree entries: they are recorded beside the tree and applied
+by `merge`, because OCI says a whiteout hides only what lower layers hold.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import posixpath
+import stat
+import tarfile
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import BinaryIO, Protocol
+
+import zstandard
+
+from rafs import digest as digests
+from rafs.tree import ChunkRef, Inode, new_dir
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+XATTR_PAX_PREFIX = "SCHILY.xattr."
+_READ_BLOCK = 1 << 20
+
+
+class LayerError(ValueError):
+    """A layer that cannot be applied safely; the message names the layer and entry."""
+
+
+class ChunkSink(Protocol):
+    def add(self, data: bytes, digest: bytes) -> None:
+        """Called once per distinct non-zero chunk of the layer, in first-seen order."""
+
+
+@dataclass
+class LayerTree:
+    root: Inode = field(default_factory=lambda: new_dir(0o755))
+    # Paths are b"/"-joined, relative, without leading slash ("" = root).
+    implicit_dirs: set[bytes] = field(default_factory=set)        # parents the tar never declared
+    whiteouts: dict[bytes, set[bytes]] = field(default_factory=dict)   # dir -> names hidden below
+    opaque: set[bytes] = field(default_factory=set)                # dirs hiding all lower children
+    outer_links: list[tuple[bytes, bytes]] = field(default_factory=list)  # (path, target) into lower layers
+    root_declared: bool = False
+
+
+def open_decompressed(raw: BinaryIO) -> BinaryIO:
+    """Wrap a layer stream by its magic: gzip, zstd or a plain tar."""
+    head = _peek(raw, 4)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if head == b"\x28\xb5\x2f\xfd":
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return raw
+
+
+def buffered(raw: BinaryIO, on_read=None) -> io.BufferedReader:
+    """Any readable stream -> a buffered one (tarfile and magic sniffing need it); reports bytes read."""
+    return io.BufferedReader(_RawAdapter(raw, on_read), _READ_BLOCK)
+
+
+class _RawAdapter(io.RawIOBase):
+    def __init__(self, inner, on_read):
+        self.inner, self.on_read = inner, on_read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.inner.read(len(b))
+        b[: len(data)] = data
+        if self.on_read:
+            self.on_read(len(data))
+        return len(data)
+
+
+def _peek(raw: BinaryIO, n: int) -> bytes:
+    if hasattr(raw, "peek"):
+        return raw.peek(n)[:n]
+    raise TypeError("layer stream must be buffered (io.BufferedReader)")
+
+
+def split_path(name: bytes, layer: str) -> list[bytes]:
+    """Tar name -> path components; rejects anything that could leave the root."""
+    if name.startswith(b"/"):
+        raise LayerError(f"{layer}: absolute path in tar entry {name!r}")
+    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise LayerError(f"{layer}: tar entry {name!r} escapes the root with '..'")
+    return parts
+
+
+def _raw(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _mtime(ti: tarfile.TarInfo) -> tuple[int, int]:
+    text = ti.pax_headers.get("mtime")
+    if text:
+        value = Decimal(text)
+        sec = int(value // 1)
+        return sec, int((value - sec) * 1_000_000_000)
+    return int(ti.mtime), 0
+
+
+def _xattrs(ti: tarfile.TarInfo) -> dict[bytes, bytes]:
+    # An empty PAX value deletes the keyword (POSIX pax), so an empty xattr record sets nothing.
+    return {_raw(key[len(XATTR_PAX_PREFIX):]): _raw(value)
+            for key, value in ti.pax_headers.items() if key.startswith(XATTR_PAX_PREFIX) and value}
+
+
+_TYPES = {
+    tarfile.REGTYPE: stat.S_IFREG, tarfile.AREGTYPE: stat.S_IFREG, tarfile.CONTTYPE: stat.S_IFREG,
+    tarfile.DIRTYPE: stat.S_IFDIR, tarfile.SYMTYPE: stat.S_IFLNK, tarfile.CHRTYPE: stat.S_IFCHR,
+    tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO,
+}
+
+
+class LayerReader:
+    """Builds a `LayerTree` from one tar stream, feeding distinct chunks to a sink."""
+
+    def __init__(self, name: str, chunk_size: int, digester: str, sink: ChunkSink | None,
+                 seen: set[bytes] | None = None, progress=None):
+        self.name = name
+        self.chunk_size = chunk_size
+        self.digester = digester
+        self.sink = sink
+        self.seen = set() if seen is None else seen   # digests already given to the sink
+        self.tree = LayerTree()
+        self.progress = progress
+        self._zero = bytes(chunk_size)
+
+    def read(self, raw: BinaryIO, diff_id: str | None = None) -> LayerTree:
+        """Reads the whole stream; `diff_id` (sha256 of the plain tar) is checked when given."""
+        stream = _HashingReader(open_decompressed(raw))
+        try:
+            with tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape") as tf:
+                for ti in tf:
+                    self._entry(tf, ti)
+            # Read to the end: gzip checks its CRC only there, and the diff_id covers every byte.
+            while stream.read(_READ_BLOCK):
+                pass
+        except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as e:
+            raise LayerError(f"{self.name}: unreadable layer ({type(e).__name__}: {e})") from e
+        if diff_id and diff_id != "sha256:" + stream.sha256.hexdigest():
+            raise LayerError(f"{self.name}: uncompressed content does not match diff_id {diff_id}")
+        return self.tree
+
+    # -- entries ---------------------------------------------------------
+    def _entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
+        raw_name = _raw(ti.name)
+        parts = split_path(raw_name, self.name)
+        if not parts:                       # "./": attributes of the root itself
+            if ti.type == tarfile.DIRTYPE:
+                self._set_attrs(self.tree.root, ti, stat.S_IFDIR)
+                self.tree.root_declared = True
+            return
+        parent_parts, base = parts[:-1], parts[-1]
+        parent = self._dir(parent_parts)
+        parent_path = b"/".join(parent_parts)
+        if base == OPAQUE_MARKER:
+            self.tree.opaque.add(parent_path)
+            return
+        if base.startswith(WHITEOUT_PREFIX):
+            hidden = base[len(WHITEOUT_PREFIX):]
+            if hidden in (b"", b".", b".."):
+                raise LayerError(f"{self.name}: bad whiteout {raw_name!r}")
+            self.tree.whiteouts.setdefault(parent_path, set()).add(hidden)
+            return
+        if len(base) > 255:
+            raise LayerError(f"{self.name}: name longer than 255 bytes in {raw_name!r}")
+        path = b"/".join(parts)
+        if ti.type == tarfile.LNKTYPE:
+            self._hardlink(parent, base, path, _raw(ti.linkname))
+            return
+        kind = _TYPES.get(ti.type)
+        if kind is None:
+            raise LayerError(f"{self.name}: unsupported tar entry type {ti.type!r} for {raw_name!r}")
+        old = parent.entries.get(base)
+        if kind == stat.S_IFDIR and old is not None and old.is_dir():
+            node = old                      # re-declared dir keeps its children
+            self.tree.implicit_dirs.discard(path)
+        else:
+            node = Inode(mode=kind)
+            parent.entries[base] = node
+            self.tree.implicit_dirs.discard(path)
+        self._set_attrs(node, ti, kind)
+        if kind == stat.S_IFLNK:
+            node.symlink = _raw(ti.linkname)
+            node.size = len(node.symlink)
+        elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+            node.rdev = os.makedev(ti.devmajor, ti.devminor)
+        elif kind == stat.S_IFREG:
+            node.size = ti.size
+            node.chunks = self._chunks(tf.extractfile(ti), ti.size, raw_name)
+
+    def _set_attrs(self, node: Inode, ti: tarfile.TarInfo, kind: int) -> None:
+        node.mode = kind | (ti.mode & 0o7777)
+        node.uid, node.gid = ti.uid, ti.gid
+        node.mtime, node.mtime_nsec = _mtime(ti)
+        node.xattrs = _xattrs(ti)
+
+    def _dir(self, parts: list[bytes]) -> Inode:
+        node = self.tree.root
+        for i, part in enumerate(parts):
+            child = node.entries.get(part)
+            if child is None or not child.is_dir():
+                # Implicit parent: applied trees create it 0755 root-owned; merge keeps a lower dir's attrs.
+                child = new_dir(0o755)
+                node.entries[part] = child
+                self.tree.implicit_dirs.add(b"/".join(parts[: i + 1]))
+            node = child
+        return node
+
+    def _hardlink(self, parent: Inode, base: bytes, path: bytes, target: bytes) -> None:
+        target_parts = split_path(target, self.name)
+        node = self.tree.root
+        for part in target_parts:
+            node = node.entries.get(part) if node.is_dir() else None
+            if node is None:
+                break
+        if node is not None and not node.is_dir():
+            parent.entries[base] = node
+            return
+        if node is not None:
+            raise LayerError(f"{self.name}: hardlink {path!r} points to directory {target!r}")
+        # Target lives in a lower layer (or nowhere): merge resolves it or fails.
+        parent.entries.pop(base, None)
+        self.tree.outer_links.append((path, b"/".join(target_parts)))
+
+    def _chunks(self, f: BinaryIO, size: int, name: bytes) -> list[ChunkRef | None]:
+        chunks: list[ChunkRef | None] = []
+        remaining = size
+        while remaining > 0:
+            want = min(self.chunk_size, remaining)
+            data = _read_exact(f, want)
+            if len(data) != want:
+                raise LayerError(f"{self.name}: tar entry {name!r} truncated")
+            remaining -= want
+            if self.progress:
+                self.progress(want)
+            if data == self._zero[:want]:
+                chunks.append(None)
+                continue
+            d = digests.digest(self.digester, data)
+            chunks.append(ChunkRef(d, want))
+            if d not in self.seen:
+                self.seen.add(d)
+                if self.sink is not None:
+                    self.sink.add(data, d)
+        return chunks
+
+
+class _HashingReader(io.RawIOBase):
+    """sha256 of everything read through it (the layer's diff_id)."""
+
+    def __init__(self, inner: BinaryIO):
+        self.inner = inner
+        self.sha256 = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.inner.read(n)
+        self.sha256.update(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) == n or not data:
+        return data
+    buf = io.BytesIO(data)
+    while buf.tell() < n:
+        more = f.read(n - buf.tell())
+        if not more:
+            break
+        buf.write(more)
+    return buf.getvalue()
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    return posixpath.join(parent, name) if parent else name

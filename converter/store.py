@@ -1,0 +1,693 @@
+"""One interface over the two places images live: a registry and an OCI image layout.
+
+    with open_store("oci:/tmp/img:v1", create=True) as dst, open_store("localhost:5000/app:v1") as src:
+        top = src.resolve()
+        for platform, desc in src.manifests_for(top, "linux/amd64"): ...
+        dst.put_blob(digest, path); dst.tag(manifest_bytes, media_type)   # tag() is the LAST step
+
+Every read is verified against its digest (whole reads at once, streams at EOF
+and again when the ``with`` block is left normally, which reads what is left).
+Every write of an OCI layout is a temp file + rename, so readers never see a
+half-written blob or ``index.json``; ``tag()`` publishes atomically.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import BinaryIO, ContextManager, Iterator
+
+from converter.refs import ImageRef, parse_ref
+from rafs.errors import BackendError, FormatError, IntegrityError
+from rafs.storage.registry import (  # noqa: F401  (re-exported media types)
+    IMAGE_MANIFEST_MEDIA_TYPES,
+    INDEX_MEDIA_TYPES,
+    MANIFEST_MEDIA_TYPES,
+    MEDIA_DOCKER_LIST,
+    MEDIA_DOCKER_MANIFEST,
+    MEDIA_OCI_INDEX,
+    MEDIA_OCI_MANIFEST,
+    NotFound,
+    RegistryClient,
+    check_digest,
+    sha256_digest,
+)
+
+__all__ = [
+    "Descriptor", "ImageStore", "OciLayoutStore", "Platform", "RegistryStore", "open_store",
+    "REF_NAME_ANNOTATION", "MEDIA_OCI_MANIFEST", "MEDIA_OCI_INDEX", "MEDIA_DOCKER_MANIFEST", "MEDIA_DOCKER_LIST",
+    "INDEX_MEDIA_TYPES", "IMAGE_MANIFEST_MEDIA_TYPES", "MANIFEST_MEDIA_TYPES", "NotFound",
+]
+
+REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+OCI_LAYOUT_VERSION = "1.0.0"
+_IO_BLOCK = 1 << 20
+_MAX_NESTING = 4
+
+
+# --------------------------------------------------------------------------- platform
+
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "i386": "386", "i686": "386",
+                 "armhf": "arm", "armel": "arm"}
+_ARCH_VARIANT_FROM_ALIAS = {"armhf": "v7", "armel": "v6"}
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+    os_version: str | None = None
+    os_features: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, s: str) -> "Platform":
+        """``linux/amd64``, ``linux/arm64/v8``, ``linux/arm/v7``."""
+        parts = [p.strip() for p in (s or "").split("/")]
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ValueError(f"invalid platform {s!r} (want OS/ARCH[/VARIANT], e.g. linux/amd64)")
+        return cls(parts[0].lower(), parts[1].lower(), parts[2].lower() if len(parts) == 3 else None)
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+    def normalized(self) -> "Platform":
+        arch = _ARCH_ALIASES.get(self.architecture, self.architecture)
+        variant = self.variant or _ARCH_VARIANT_FROM_ALIAS.get(self.architecture)
+        if arch == "arm64" and variant in (None, "8", "v8"):
+            variant = "v8"
+        elif arch == "arm" and variant is None:
+            variant = "v7"
+        elif variant and variant.isdigit():
+            variant = "v" + variant
+        if arch == "amd64" and variant == "v1":
+            variant = None
+        return Platform(self.os, arch, variant, self.os_version, self.os_features)
+
+    def matches(self, want: "Platform | str") -> bool:
+        """Does this (an image's) platform satisfy ``want``?  A want without variant takes any."""
+        w = Platform.parse(want) if isinstance(want, str) else want
+        a, b = self.normalized(), w.normalized()
+        if a.os != b.os or a.architecture != b.architecture:
+            return False
+        return w.variant is None or a.variant == b.variant
+
+    def to_json(self) -> dict:
+        d = {"architecture": self.architecture, "os": self.os}
+        if self.os_version:
+            d["os.version"] = self.os_version
+        if self.os_features:
+            d["os.features"] = list(self.os_features)
+        if self.variant:
+            d["variant"] = self.variant
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Platform":
+        if not isinstance(d, dict) or not isinstance(d.get("os"), str) or not isinstance(d.get("architecture"), str):
+            raise FormatError(f"invalid platform {d!r}")
+        feats = d.get("os.features") or ()
+        return cls(d["os"], d["architecture"], d.get("variant") or None, d.get("os.version") or None,
+                   tuple(str(f) for f in feats) if isinstance(feats, list) else ())
+
+
+# --------------------------------------------------------------------------- descriptor
+
+@dataclass
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    platform: Platform | None = None
+    urls: list[str] | None = None
+
+    def to_json(self) -> dict:
+        d: dict = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.urls:
+            d["urls"] = list(self.urls)
+        if self.annotations:
+            d["annotations"] = dict(self.annotations)
+        if self.platform:
+            d["platform"] = self.platform.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Descriptor":
+        """Validate an untrusted descriptor (FormatError on anything odd)."""
+        if not isinstance(d, dict):
+            raise FormatError(f"descriptor is not an object: {d!r}")
+        mt, dg, size = d.get("mediaType", ""), d.get("digest"), d.get("size")
+        if not isinstance(mt, str):
+            raise FormatError(f"descriptor mediaType is not a string: {mt!r}")
+        check_digest(dg)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise FormatError(f"descriptor {dg}: invalid size {size!r}")
+        ann = d.get("annotations") or {}
+        if not isinstance(ann, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ann.items()):
+            raise FormatError(f"descriptor {dg}: annotations must map strings to strings")
+        plat = Platform.from_json(d["platform"]) if d.get("platform") else None
+        urls = d.get("urls")
+        if urls is not None and not (isinstance(urls, list) and all(isinstance(u, str) for u in urls)):
+            raise FormatError(f"descriptor {dg}: invalid urls")
+        return cls(mt, dg, size, dict(ann), plat, urls)
+
+
+def _manifest_kind(media_type: str, data: bytes | None = None) -> str:
+    """'index', 'manifest' or '' — from the media type, else from the JSON's shape."""
+    if media_type in INDEX_MEDIA_TYPES:
+        return "index"
+    if media_type in IMAGE_MANIFEST_MEDIA_TYPES:
+        return "manifest"
+    if data is not None:
+        try:
+            j = json.loads(data)
+        except ValueError:
+            return ""
+        if isinstance(j, dict):
+            mt = j.get("mediaType")
+            if mt in INDEX_MEDIA_TYPES:
+                return "index"
+            if mt in IMAGE_MANIFEST_MEDIA_TYPES:
+                return "manifest"
+            if isinstance(j.get("manifests"), list):
+                return "index"
+            if isinstance(j.get("layers"), list) and isinstance(j.get("config"), dict):
+                return "manifest"
+    return ""
+
+
+def _parse_json(data: bytes, what: str) -> dict:
+    try:
+        j = json.loads(data)
+    except ValueError as e:
+        raise FormatError(f"{what} is not valid JSON: {e}") from e
+    if not isinstance(j, dict):
+        raise FormatError(f"{what} is not a JSON object")
+    return j
+
+
+# --------------------------------------------------------------------------- interface
+
+class ImageStore(ABC):
+    """A registry repository or an OCI layout, seen through one image reference."""
+
+    ref: ImageRef
+
+    def __enter__(self) -> "ImageStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Human-readable place for messages."""
+
+    @abstractmethod
+    def resolve(self) -> Descriptor:
+        """The ref's top manifest or index."""
+
+    @abstractmethod
+    def get_bytes(self, digest: str) -> bytes:
+        """A small blob or a manifest, fully read and verified."""
+
+    @abstractmethod
+    def open_blob(self, digest: str) -> ContextManager[BinaryIO]:
+        """Stream a blob; IntegrityError at EOF (or on normal exit of the with block) on mismatch."""
+
+    @abstractmethod
+    def has_blob(self, digest: str) -> bool:
+        ...
+
+    @abstractmethod
+    def read_range(self, digest: str, offset: int, size: int) -> bytes:
+        """Exactly `size` bytes of a blob from `offset` (not digest-checked: callers check chunks)."""
+
+    @abstractmethod
+    def put_blob(self, digest: str, path: str | os.PathLike) -> bool:
+        """Store a local file as a blob (streamed); False if it was already there."""
+
+    @abstractmethod
+    def put_bytes(self, digest: str, data: bytes) -> bool:
+        ...
+
+    @abstractmethod
+    def put_manifest(self, data: bytes, media_type: str) -> str:
+        """Store a manifest or index by digest (untagged); returns the digest."""
+
+    @abstractmethod
+    def tag(self, data: bytes, media_type: str) -> None:
+        """Publish ``data`` under the ref's tag — the last step of a conversion."""
+
+    # -- helpers common to both
+    def get_json(self, digest: str) -> dict:
+        return _parse_json(self.get_bytes(digest), f"{self.location}@{digest}")
+
+    def manifests_for(self, desc: Descriptor, platform: "str | Platform | None" = None
+                      ) -> list[tuple[Platform | None, Descriptor]]:
+        """[(platform, image manifest descriptor)] for an index (nested indexes flattened,
+        attestation entries with platform unknown/unknown skipped) or a single manifest
+        (its platform read from its config).  ``platform`` filters; [] if nothing matches."""
+        want = Platform.parse(platform) if isinstance(platform, str) else platform
+        out: list[tuple[Platform | None, Descriptor]] = []
+        self._collect(desc, want, out, 0)
+        return out
+
+    def _collect(self, desc: Descriptor, want: Platform | None, out: list, depth: int) -> None:
+        if depth > _MAX_NESTING:
+            raise FormatError(f"{self.location}: indexes nested deeper than {_MAX_NESTING}")
+        data = self.get_bytes(desc.digest)
+        kind = _manifest_kind(desc.media_type, data)
+        what = f"{self.location}@{desc.digest}"
+        j = _parse_json(data, what)
+        if kind == "index":
+            entries = j.get("manifests")
+            if not isinstance(entries, list):
+                raise FormatError(f"{what}: index without a manifests list")
+            for e in entries:
+                d = Descriptor.from_json(e)
+                self._note_manifest(d)
+                k = _manifest_kind(d.media_type)
+                if k == "index":
+                    self._collect(d, want, out, depth + 1)
+                    continue
+                if k != "manifest":
+                    continue  # artifacts and other things an image tool does not run
+                plat = d.platform
+                if plat is None:
+                    plat = self._config_platform(d)
+                if plat is not None and (plat.os == "unknown" or plat.architecture == "unknown"):
+                    continue  # e.g. buildkit attestation manifests
+                if want is None or (plat is not None and plat.matches(want)):
+                    out.append((plat, d))
+        elif kind == "manifest":
+            d = Descriptor(desc.media_type or j.get("mediaType") or MEDIA_OCI_MANIFEST, desc.digest, desc.size,
+                           dict(desc.annotations), desc.platform, desc.urls)
+            plat = desc.platform or self._platform_of_manifest(j, what)
+            if want is None or (plat is not None and plat.matches(want)):
+                out.append((plat, d))
+        else:
+            raise FormatError(f"{what}: not an image manifest or index (media type {desc.media_type!r})")
+
+    def _config_platform(self, desc: Descriptor) -> Platform | None:
+        what = f"{self.location}@{desc.digest}"
+        return self._platform_of_manifest(_parse_json(self.get_bytes(desc.digest), what), what)
+
+    def _platform_of_manifest(self, manifest: dict, what: str) -> Platform | None:
+        cfg = manifest.get("config")
+        if not isinstance(cfg, dict):
+            raise FormatError(f"{what}: manifest without config")
+        cd = Descriptor.from_json(cfg)
+        c = self.get_json(cd.digest)
+        if not isinstance(c.get("os"), str) or not isinstance(c.get("architecture"), str):
+            return None
+        return Platform(c["os"], c["architecture"], c.get("variant") or None, c.get("os.version") or None)
+
+    def _note_manifest(self, desc: Descriptor) -> None:
+        """Hook: a digest that is known to be a manifest (registries keep those apart from blobs)."""
+
+
+# --------------------------------------------------------------------------- verification
+
+class _VerifyingReader(io.RawIOBase):
+    """Wraps a raw file; sha256 checked when EOF is reached."""
+
+    def __init__(self, f: BinaryIO, digest: str, name: str):
+        super().__init__()
+        self._f = f
+        self._digest = digest
+        self._name = name
+        self._hash = hashlib.sha256()
+        self._error: BaseException | None = None
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._error is not None:
+            raise self._error
+        if self._done:
+            return 0
+        n = self._f.readinto(b)
+        if not n:
+            got = "sha256:" + self._hash.hexdigest()
+            if got != self._digest:
+                self._error = IntegrityError(f"blob {self._name}: content has digest {got}")
+                raise self._error
+            self._done = True
+            return 0
+        self._hash.update(memoryview(b)[:n])
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+@contextmanager
+def _verified_stream(f: BinaryIO, digest: str, name: str) -> Iterator[BinaryIO]:
+    buf = io.BufferedReader(_VerifyingReader(f, digest, name), buffer_size=_IO_BLOCK)
+    try:
+        yield buf
+        while buf.read(_IO_BLOCK):
+            pass
+    finally:
+        buf.close()
+
+
+# --------------------------------------------------------------------------- OCI layout
+
+class OciLayoutStore(ImageStore):
+    """An OCI image layout directory (``oci-layout``, ``index.json``, ``blobs/sha256/``)."""
+
+    def __init__(self, ref: ImageRef, *, create: bool = False):
+        self.ref = ref
+        self.root = os.path.abspath(ref.path)
+        layout_file = os.path.join(self.root, "oci-layout")
+        if create:
+            os.makedirs(os.path.join(self.root, "blobs", "sha256"), exist_ok=True)
+            if not os.path.exists(layout_file):
+                self._atomic_write(layout_file, json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode())
+            if not os.path.exists(self._index_path):
+                self._write_index({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": []})
+        try:
+            with open(layout_file, "rb") as f:
+                version = json.load(f).get("imageLayoutVersion")
+        except FileNotFoundError:
+            raise BackendError(f"not an OCI image layout: {self.root} (no oci-layout file)") from None
+        except (OSError, ValueError, AttributeError) as e:
+            raise BackendError(f"not an OCI image layout: {self.root} (bad oci-layout file: {e})") from None
+        if not isinstance(version, str) or not version.startswith("1."):
+            raise BackendError(f"OCI image layout {self.root}: unsupported imageLayoutVersion {version!r}")
+
+    @property
+    def location(self) -> str:
+        return f"oci:{self.root}"
+
+    @property
+    def _index_path(self) -> str:
+        return os.path.join(self.root, "index.json")
+
+    def blob_path(self, digest: str) -> str:
+        return os.path.join(self.root, "blobs", "sha256", check_digest(digest))
+
+    def _missing(self, digest: str) -> NotFound:
+        return NotFound(f"blob {digest} not found in OCI layout {self.root}")
+
+    # -- index.json
+    def read_index(self) -> dict:
+        try:
+            with open(self._index_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise BackendError(f"OCI image layout {self.root} has no index.json") from None
+        idx = _parse_json(data, f"{self._index_path}")
+        if not isinstance(idx.get("manifests", []), list):
+            raise FormatError(f"{self._index_path}: manifests is not a list")
+        return idx
+
+    def tags(self) -> list[str]:
+        return [e.get("annotations", {}).get(REF_NAME_ANNOTATION) for e in self.read_index().get("manifests", [])
+                if isinstance(e, dict) and isinstance(e.get("annotations"), dict)
+                and e["annotations"].get(REF_NAME_ANNOTATION)]
+
+    def _write_index(self, idx: dict) -> None:
+        self._atomic_write(self._index_path, json.dumps(idx, indent=2).encode() + b"\n")
+
+    def _atomic_write(self, path: str, data: bytes) -> None:
+        d = os.path.dirname(path)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        _fsync_dir(d)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    # -- reads
+    def resolve(self) -> Descriptor:
+        entries = self.read_index().get("manifests", [])
+        ref = self.ref
+        if ref.digest:
+            for e in entries:
+                if isinstance(e, dict) and e.get("digest") == ref.digest:
+                    return Descriptor.from_json(e)
+            data = self.get_bytes(ref.digest)  # not listed, but maybe present as a blob
+            j = _parse_json(data, f"{self.location}@{ref.digest}")
+            kind = _manifest_kind(j.get("mediaType", ""), data)
+            if not kind:
+                raise FormatError(f"{self.location}@{ref.digest} is not a manifest or index")
+            return Descriptor(j.get("mediaType") or (MEDIA_OCI_INDEX if kind == "index" else MEDIA_OCI_MANIFEST),
+                              ref.digest, len(data))
+        named = [e for e in entries if isinstance(e, dict)
+                 and (e.get("annotations") or {}).get(REF_NAME_ANNOTATION) == ref.tag]
+        if named:
+            return Descriptor.from_json(named[-1])
+        if not ref.tag_given and len(entries) == 1:
+            return Descriptor.from_json(entries[0])
+        tags = ", ".join(t for t in self.tags()) or "none"
+        raise NotFound(f"tag {ref.tag!r} not found in OCI layout {self.root} (tags: {tags})")
+
+    def get_bytes(self, digest: str) -> bytes:
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise self._missing(digest) from None
+        got = sha256_digest(data)
+        if got != digest:
+            raise IntegrityError(f"blob {digest} in OCI layout {self.root}: content has digest {got}")
+        return data
+
+    def open_blob(self, digest: str) -> ContextManager[BinaryIO]:
+        try:
+            f = open(self.blob_path(digest), "rb", buffering=0)
+        except FileNotFoundError:
+            raise self._missing(digest) from None
+        return _verified_stream(f, digest, f"{digest} in OCI layout {self.root}")
+
+    def has_blob(self, digest: str) -> bool:
+        return os.path.isfile(self.blob_path(digest))
+
+    def read_range(self, digest: str, offset: int, size: int) -> bytes:
+        try:
+            fd = os.open(self.blob_path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            raise self._missing(digest) from None
+        try:
+            data = os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise BackendError(f"blob {digest} in OCI layout {self.root}: range {offset}+{size} past its end")
+        return data
+
+    # -- writes
+    def _store(self, digest: str, fill) -> bool:
+        dst = self.blob_path(digest)
+        if os.path.isfile(dst):
+            return False
+        d = os.path.dirname(dst)
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        try:
+            h = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out:
+                fill(out, h)
+                out.flush()
+                os.fsync(out.fileno())
+            got = "sha256:" + h.hexdigest()
+            if got != digest:
+                raise IntegrityError(f"blob for {digest} has digest {got}; not stored in {self.root}")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dst)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return True
+
+    def put_blob(self, digest: str, path: str | os.PathLike) -> bool:
+        def fill(out, h):
+            with open(path, "rb") as src:
+                while True:
+                    b = src.read(_IO_BLOCK)
+                    if not b:
+                        break
+                    h.update(b)
+                    out.write(b)
+        return self._store(digest, fill)
+
+    def put_bytes(self, digest: str, data: bytes) -> bool:
+        def fill(out, h):
+            h.update(data)
+            out.write(data)
+        return self._store(digest, fill)
+
+    def put_manifest(self, data: bytes, media_type: str) -> str:
+        digest = sha256_digest(data)
+        self.put_bytes(digest, data)
+        return digest
+
+    def tag(self, data: bytes, media_type: str) -> None:
+        digest = self.put_manifest(data, media_type)
+        ref = self.ref
+        if ref.digest and not ref.tag_given and ref.digest != digest:
+            raise IntegrityError(f"cannot publish {digest} as {ref}: digests differ")
+        name = ref.tag if ref.tag_given or not ref.digest else None
+        with self._locked():
+            idx = self.read_index()
+            entries = [e for e in idx.get("manifests", []) if not (
+                isinstance(e, dict) and (
+                    (name is not None and (e.get("annotations") or {}).get(REF_NAME_ANNOTATION) == name)
+                    or (name is None and e.get("digest") == digest and not e.get("annotations"))))]
+            desc = Descriptor(media_type, digest, len(data), {REF_NAME_ANNOTATION: name} if name else {})
+            entries.append(desc.to_json())
+            idx["manifests"] = entries
+            idx.setdefault("schemaVersion", 2)
+            self._write_index(idx)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- registry
+
+_HUB_HOSTS = {"docker.io", "index.docker.io"}
+
+
+class RegistryStore(ImageStore):
+    """One repository of a registry (manifests by tag/digest, blobs) via RegistryClient."""
+
+    def __init__(self, ref: ImageRef, *, plain_http: bool = False, client: RegistryClient | None = None,
+                 **client_kw):
+        self.ref = ref
+        host, repo = ref.host, ref.repo
+        if host in _HUB_HOSTS:
+            host = "registry-1.docker.io"
+            if "/" not in repo:
+                repo = "library/" + repo
+        self.client = client or RegistryClient(host, repo, plain_http=plain_http, **client_kw)
+        self._manifests: dict[str, bytes] = {}   # digest -> verified bytes (small)
+        self._manifest_digests: set[str] = set()
+
+    @property
+    def location(self) -> str:
+        return f"{self.ref.host}/{self.ref.repo}"
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _note_manifest(self, desc: Descriptor) -> None:
+        self._manifest_digests.add(desc.digest)
+
+    def resolve(self) -> Descriptor:
+        data, media_type, digest = self.client.get_manifest(self.ref.reference)
+        self._manifests[digest] = data
+        self._manifest_digests.add(digest)
+        return Descriptor(media_type, digest, len(data))
+
+    def get_manifest(self, digest: str) -> tuple[bytes, str]:
+        data, media_type, _ = self.client.get_manifest(digest)
+        self._manifests[digest] = data
+        return data, media_type
+
+    def get_bytes(self, digest: str, media_type: str | None = None) -> bytes:
+        check_digest(digest)
+        if digest in self._manifests:
+            return self._manifests[digest]
+        if digest in self._manifest_digests or (media_type and media_type in MANIFEST_MEDIA_TYPES):
+            return self.get_manifest(digest)[0]
+        try:
+            return self.client.get_blob(digest)
+        except NotFound:
+            try:  # registries keep manifests apart from blobs
+                return self.get_manifest(digest)[0]
+            except NotFound:
+                raise NotFound(f"blob not found: {self.location}@{digest}") from None
+
+    def open_blob(self, digest: str) -> ContextManager[BinaryIO]:
+        return self.client.open_blob(digest)
+
+    def has_blob(self, digest: str) -> bool:
+        return self.client.head_blob(digest) is not None
+
+    def put_blob(self, digest: str, path: str | os.PathLike) -> bool:
+        return self.client.push_blob(digest, path)
+
+    def put_bytes(self, digest: str, data: bytes) -> bool:
+        return self.client.push_blob(digest, data)
+
+    def mount_blob(self, digest: str, from_repo: str) -> bool:
+        return self.client.mount_blob(digest, from_repo)
+
+    def read_range(self, digest: str, offset: int, size: int) -> bytes:
+        return self.client.read_range(digest, offset, size)
+
+    def put_manifest(self, data: bytes, media_type: str) -> str:
+        digest = self.client.put_manifest(sha256_digest(data), data, media_type)
+        self._manifest_digests.add(digest)
+        return digest
+
+    def tag(self, data: bytes, media_type: str) -> None:
+        ref = self.ref
+        if ref.tag_given or not ref.digest:
+            self.client.put_manifest(ref.tag, data, media_type)
+        else:  # a digest-only ref: "publishing" means the content must be exactly that digest
+            self.client.put_manifest(ref.digest, data, media_type)
+
+
+def open_store(ref: "str | ImageRef", *, plain_http: bool = False, create: bool = False,
+               **client_kw) -> ImageStore:
+    """An ImageStore for ``oci:DIR[:TAG]`` or ``[docker://]HOST/REPO[:TAG|@DIGEST]``.
+
+    ``create`` makes a new OCI layout if needed (ignored for registries);
+    ``client_kw`` goes to RegistryClient (auth, timeout, retries, ...).
+    """
+    r = parse_ref(ref)
+    if r.kind == "oci":
+        return OciLayoutStore(r, create=create)
+    return RegistryStore(r, plain_http=plain_http, **client_kw)

@@ -1,0 +1,894 @@
+"""Registry backend: a client for the OCI distribution / Docker Registry HTTP API v2.
+
+Used by the converter (pull source images, push converted ones) and by the lazy
+mount daemon (HTTP Range GETs of blob chunks).  Written from the public specs:
+the OCI distribution spec (endpoints, upload protocol), the Docker token
+authentication spec (``WWW-Authenticate: Bearer`` challenges, token endpoint)
+and the docker CLI's ``config.json`` format.
+
+Behaviour worth knowing:
+
+* Authentication is lazy: a request goes out anonymously (or with what was
+  learned before), a 401 challenge teaches the scheme.  Basic credentials and
+  bearer tokens are sent only to the registry's own origin (scheme + host +
+  port); redirects are followed by hand and lose the Authorization header when
+  they leave that origin (blob GETs are often redirected to object storage).
+  A challenge from any other origin is never answered.
+* Bearer tokens are cached per scope, refreshed shortly before ``expires_in``
+  runs out, and refreshed again (one retry) when the registry answers 401.
+* Transient failures (connection refused/reset, timeouts, truncated bodies,
+  HTTP 5xx and 429) are retried ``retries`` times with exponential backoff;
+  then a :class:`~rafs.errors.BackendError` says what failed and why.
+* Everything read is verified: manifests fetched by digest, whole blobs (at
+  EOF).  A mismatch is an :class:`~rafs.errors.IntegrityError`, never retried.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import io
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterator
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+
+import requests
+import urllib3
+
+from rafs.errors import BackendError, FormatError, IntegrityError
+
+log = logging.getLogger(__name__)
+
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+INDEX_MEDIA_TYPES = frozenset({MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST})
+IMAGE_MANIFEST_MEDIA_TYPES = frozenset({MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST})
+MANIFEST_MEDIA_TYPES = INDEX_MEDIA_TYPES | IMAGE_MANIFEST_MEDIA_TYPES
+_ACCEPT = ", ".join([MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST])
+
+#: Manifests larger than this are refused (the OCI spec asks registries to take 4 MiB).
+MAX_MANIFEST_SIZE = 8 << 20
+#: Blobs at least this large are uploaded in PATCH chunks of UPLOAD_CHUNK_SIZE.
+CHUNKED_UPLOAD_THRESHOLD = 256 << 20
+UPLOAD_CHUNK_SIZE = 64 << 20
+_MAX_REDIRECTS = 5
+USER_AGENT = "pynydus/0.1"
+_IO_BLOCK = 1 << 20
+
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+# --------------------------------------------------------------------------- digests
+
+def check_digest(digest: str) -> str:
+    """Return the hex part of a ``sha256:<64 lowercase hex>`` digest; FormatError otherwise.
+
+    Digests come from manifests (untrusted input) and end up in URLs and file
+    paths, so nothing else is accepted.
+    """
+    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+        raise FormatError(f"invalid digest {digest!r}: only sha256:<64 lowercase hex> is supported")
+    return digest[7:]
+
+
+def is_digest(s: str) -> bool:
+    return isinstance(s, str) and bool(_DIGEST_RE.match(s))
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- credentials
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name and password (or token) for one registry host."""
+
+    username: str
+    password: str = field(repr=False)
+
+    def basic_header(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+#: Pass as ``auth=`` to never look at the docker config.
+ANONYMOUS = Credentials("", "")
+
+_DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+
+
+def _config_key_host(key: str) -> str:
+    """``https://index.docker.io/v1/`` -> ``index.docker.io``; ``host:5000`` -> ``host:5000``."""
+    k = key.strip()
+    if "://" in k:
+        k = k.split("://", 1)[1]
+    return k.split("/", 1)[0].lower()
+
+
+def docker_config_path(config_dir: str | None = None) -> str:
+    d = config_dir or os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+    return os.path.join(d, "config.json")
+
+
+def load_docker_credentials(host: str, *, config_dir: str | None = None) -> Credentials | None:
+    """Credentials for ``host`` from docker's ``config.json`` (``$DOCKER_CONFIG`` or ``~/.docker``).
+
+    Reads ``auths[HOST].auth`` (base64 ``user:password``) or ``username``/``password``.
+    Keys may be written as URLs (``https://HOST/v1/``).  Credential helpers
+    (``credsStore``/``credHelpers``) and ``identitytoken`` are not supported.
+    """
+    path = docker_config_path(config_dir)
+    try:
+        with open(path, "rb") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable docker config %s: %s", path, e)
+        return None
+    auths = cfg.get("auths") if isinstance(cfg, dict) else None
+    if not isinstance(auths, dict):
+        return None
+    want = host.lower()
+    hub = want in _DOCKER_HUB_ALIASES
+    for key, entry in auths.items():
+        kh = _config_key_host(key)
+        if not (kh == want or (hub and kh in _DOCKER_HUB_ALIASES)) or not isinstance(entry, dict):
+            continue
+        if entry.get("auth"):
+            try:
+                user, _, pw = base64.b64decode(entry["auth"]).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                log.warning("ignoring malformed auth for %s in %s", key, path)
+                continue
+            return Credentials(user, pw)
+        if entry.get("username"):
+            return Credentials(entry["username"], entry.get("password", ""))
+    return None
+
+
+# --------------------------------------------------------------------------- auth challenges
+
+_PARAM_RE = re.compile(r'\s*([A-Za-z_][\w-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))\s*,?')
+
+
+def parse_www_authenticate(value: str) -> tuple[str, dict[str, str]]:
+    """``Bearer realm="..",service="..",scope=".."`` -> ("bearer", {realm, service, scope})."""
+    value = (value or "").strip()
+    scheme, _, rest = value.partition(" ")
+    params: dict[str, str] = {}
+    pos = 0
+    while pos < len(rest):
+        m = _PARAM_RE.match(rest, pos)
+        if not m or m.end() == pos:
+            break
+        raw = m.group(2) if m.group(2) is not None else m.group(3)
+        params[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", raw)
+        pos = m.end()
+    return scheme.lower(), params
+
+
+# --------------------------------------------------------------------------- helpers
+
+class NotFound(BackendError):
+    """The registry (or layout) does not have the manifest, tag or blob asked for."""
+
+
+class _RetryableStatus(Exception):
+    """An HTTP status worth another try (5xx, 429)."""
+
+
+class _Truncated(Exception):
+    """A body that ended before the promised length."""
+
+
+_TRANSIENT = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+    _RetryableStatus,
+    _Truncated,
+)
+
+
+def _no_auth(r):  # stops requests from adding ~/.netrc credentials on its own
+    return r
+
+
+def _add_query(url: str, **params: str) -> str:
+    parts = urlsplit(url)
+    q = parse_qsl(parts.query, keep_blank_values=True)
+    q.extend(params.items())
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(q), parts.fragment))
+
+
+def _origin(url: str) -> tuple[str, str]:
+    p = urlsplit(url)
+    return p.scheme.lower(), p.netloc.lower()
+
+
+def _error_detail(resp: requests.Response) -> str:
+    """The registry's ``{"errors":[{code,message,detail}]}`` as one line (or a snippet)."""
+    try:
+        body = resp.content[:4096]
+    except Exception:  # body already consumed or connection gone
+        return ""
+    try:
+        errs = json.loads(body).get("errors") or []
+        parts = []
+        for e in errs[:3]:
+            s = f"{e.get('code', '')}: {e.get('message', '')}"
+            if e.get("detail") and not isinstance(e["detail"], (dict, list)):
+                s += f" ({e['detail']})"
+            parts.append(s)
+        if parts:
+            return "; ".join(parts)
+    except (ValueError, AttributeError, TypeError):
+        pass
+    return body[:200].decode("utf-8", "replace").strip()
+
+
+def _error_codes(resp: requests.Response) -> set[str]:
+    try:
+        return {e.get("code", "") for e in json.loads(resp.content[:4096]).get("errors") or []}
+    except Exception:
+        return set()
+
+
+def _read_exact(raw, n: int) -> bytes:
+    """Read up to n bytes from a urllib3 response (fewer only at EOF)."""
+    parts = []
+    left = n
+    while left > 0:
+        b = raw.read(min(left, _IO_BLOCK), decode_content=False)
+        if not b:
+            break
+        parts.append(b)
+        left -= len(b)
+    return b"".join(parts)
+
+
+def _skip(raw, n: int) -> int:
+    left = n
+    while left > 0:
+        b = raw.read(min(left, _IO_BLOCK), decode_content=False)
+        if not b:
+            break
+        left -= len(b)
+    return n - left
+
+
+_CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+
+
+class _FileSlice:
+    """A request body streaming ``length`` bytes of a file from ``start`` (never all in memory)."""
+
+    def __init__(self, path: str, start: int, length: int):
+        self._f = open(path, "rb")
+        self._f.seek(start)
+        self._left = length
+        self._len = length
+
+    def __len__(self) -> int:
+        return self._len
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        if n is None or n < 0 or n > self._left:
+            n = self._left
+        b = self._f.read(min(n, _IO_BLOCK))
+        if not b:
+            raise BackendError(f"{self._f.name}: file shrank while uploading")
+        self._left -= len(b)
+        return b
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# --------------------------------------------------------------------------- client
+
+class RegistryClient:
+    """One repository on one registry.  Thread-safe; reuse it (connections are pooled).
+
+    ``auth``: explicit :class:`Credentials`; ``None`` reads docker's config.json
+    for ``host``; :data:`ANONYMOUS` never sends credentials.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        repo: str,
+        *,
+        plain_http: bool = False,
+        auth: Credentials | None = None,
+        timeout: tuple[float, float] = (5, 30),
+        retries: int = 3,
+        backoff: float = 0.25,
+        config_dir: str | None = None,
+        session: requests.Session | None = None,
+        pool_size: int = 16,
+    ):
+        self.host = host
+        self.repo = repo
+        self.base = f"{'http' if plain_http else 'https'}://{host}"
+        self.timeout = timeout
+        self.retries = max(0, int(retries))
+        self.backoff = backoff
+        if auth is None:
+            auth = load_docker_credentials(host, config_dir=config_dir)
+        self._creds = None if (auth is None or auth == ANONYMOUS) else auth
+        if session is None:
+            session = requests.Session()
+            session.headers["User-Agent"] = USER_AGENT
+            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._own_session = True
+        else:
+            self._own_session = False
+        self._session = session
+        self._lock = threading.Lock()
+        self._scheme: str | None = None          # "basic" | "bearer", learned from a challenge
+        self._bearer: dict[str, str] = {}        # realm, service
+        self._tokens: dict[str, tuple[str, float]] = {}  # scope -> (token, refresh_at)
+        #: number of tokens fetched (observability, tests)
+        self.tokens_fetched = 0
+
+    # -- lifecycle
+    def close(self) -> None:
+        if self._own_session:
+            self._session.close()
+
+    def __enter__(self) -> "RegistryClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RegistryClient({self.base}/{self.repo})"
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}/{self.repo}"
+
+    def _url(self, kind: str, ref: str) -> str:
+        return f"{self.base}/v2/{self.repo}/{kind}/{ref}"
+
+    def _scope(self, push: bool) -> str:
+        return f"repository:{self.repo}:{'pull,push' if push else 'pull'}"
+
+    # -- auth
+    def _auth_header(self, scope: str) -> str | None:
+        with self._lock:
+            scheme = self._scheme
+            tok = self._tokens.get(scope)
+        if scheme == "basic":
+            return self._creds.basic_header() if self._creds else None
+        if scheme == "bearer":
+            if tok and time.monotonic() < tok[1]:
+                return "Bearer " + tok[0]
+            return "Bearer " + self._fetch_token(scope)  # proactive refresh
+        return None
+
+    def _on_challenge(self, header: str, scope: str, sent: str | None) -> bool:
+        """Learn from a 401; True if a retry with new credentials makes sense."""
+        scheme, params = parse_www_authenticate(header)
+        if scheme == "basic":
+            with self._lock:
+                self._scheme = "basic"
+            return self._creds is not None and not (sent or "").startswith("Basic ")
+        if scheme == "bearer" and params.get("realm"):
+            with self._lock:
+                self._scheme = "bearer"
+                self._bearer = {"realm": params["realm"], "service": params.get("service", "")}
+            extra = params.get("scope")
+            self._fetch_token(scope, extra)
+            return True
+        return False
+
+    def _fetch_token(self, scope: str, extra_scope: str | None = None) -> str:
+        with self._lock:
+            realm = self._bearer.get("realm")
+            service = self._bearer.get("service")
+        if not realm:
+            raise BackendError(f"unauthorized: {self.name}: bearer challenge without realm")
+        if self._creds and urlsplit(realm).scheme != "https" and self.base.startswith("https:"):
+            raise BackendError(f"unauthorized: {self.name}: refusing to send credentials to non-https "
+                               f"token realm {realm}")
+        scopes = scope.split()
+        if extra_scope:
+            scopes += [s for s in extra_scope.split() if s not in scopes]
+        q = ([("service", service)] if service else []) + [("scope", s) for s in scopes]
+        headers = {"Authorization": self._creds.basic_header()} if self._creds else {}
+        started = time.monotonic()
+
+        def fn():
+            try:
+                r = self._session.get(realm, params=q, headers=headers, timeout=self.timeout, auth=_no_auth)
+            except requests.exceptions.InvalidURL as e:
+                raise BackendError(f"unauthorized: {self.name}: bad token realm {realm!r}: {e}") from e
+            with r:
+                if r.status_code >= 500 or r.status_code == 429:
+                    raise _RetryableStatus(f"HTTP {r.status_code} from token server {realm}")
+                if r.status_code in (401, 403):
+                    who = f"as {self._creds.username!r}" if self._creds else "anonymously"
+                    raise BackendError(
+                        f"unauthorized: token server {realm} refused {who} for {self.name} "
+                        f"(HTTP {r.status_code}); check credentials for {self.host} in docker config")
+                if r.status_code != 200:
+                    raise BackendError(f"token server {realm}: HTTP {r.status_code} {_error_detail(r)}")
+                try:
+                    j = r.json()
+                except ValueError as e:
+                    raise BackendError(f"token server {realm}: answer is not JSON") from e
+            return j
+
+        j = self._retrying(f"token request to {realm}", fn)
+        token = j.get("token") or j.get("access_token") if isinstance(j, dict) else None
+        if not token or not isinstance(token, str):
+            raise BackendError(f"token server {realm}: no token in answer")
+        try:
+            ttl = float(j.get("expires_in") or 60)
+        except (TypeError, ValueError):
+            ttl = 60.0
+        margin = min(10.0, ttl / 4)
+        with self._lock:
+            self._tokens[scope] = (token, started + ttl - margin)
+            self.tokens_fetched += 1
+        log.debug("%s: new token for %s (expires in %.0fs)", self.name, scope, ttl)
+        return token
+
+    # -- transport
+    def _send(self, method: str, url: str, *, headers: dict | None = None, body=None,
+              stream: bool = False, push: bool = False, scope: str | None = None) -> requests.Response:
+        """One request with auth handling and hand-followed redirects (no retries).
+
+        ``body``: None, bytes, or a callable returning a fresh body (re-sendable after a 401).
+        """
+        scope = scope or self._scope(push)
+        for attempt in range(2):
+            sent = self._auth_header(scope)
+            resp = self._send_follow(method, url, headers or {}, sent, body, stream)
+            if resp.status_code == 401 and attempt == 0 and _origin(resp.url) == _origin(self.base):
+                try:
+                    retry = self._on_challenge(resp.headers.get("WWW-Authenticate", ""), scope, sent)
+                except BaseException:
+                    resp.close()
+                    raise
+                if retry:
+                    resp.close()
+                    continue
+            return resp  # the caller reports a remaining 401
+        return resp  # pragma: no cover
+
+    def _send_follow(self, method, url, headers, auth_header, body, stream) -> requests.Response:
+        home = _origin(self.base)
+        for _ in range(_MAX_REDIRECTS + 1):
+            h = dict(headers)
+            if auth_header and _origin(url) == home:
+                h["Authorization"] = auth_header
+            data = body() if callable(body) else body
+            try:
+                resp = self._session.request(method, url, headers=h, data=data, stream=stream,
+                                             timeout=self.timeout, allow_redirects=False, auth=_no_auth)
+            finally:
+                if data is not None and hasattr(data, "close"):
+                    data.close()
+            if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                resp.close()
+                url = urljoin(url, resp.headers["Location"])
+                if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
+                    method, body = "GET", None
+                continue
+            return resp
+        raise BackendError(f"{method} {url}: more than {_MAX_REDIRECTS} redirects")
+
+    def _retrying(self, what: str, fn: Callable):
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                delay = min(self.backoff * (2 ** (attempt - 1)), 8.0) * (0.75 + random.random() / 2)
+                log.debug("%s: %s; retry %d in %.2fs", what, last, attempt, delay)
+                time.sleep(delay)
+            try:
+                return fn()
+            except requests.exceptions.SSLError as e:
+                raise BackendError(f"{what}: TLS error: {e}") from e
+            except _TRANSIENT as e:
+                last = e
+            except (BackendError, IntegrityError, FormatError):
+                raise
+            except requests.RequestException as e:
+                raise BackendError(f"{what}: {e}") from e
+        raise BackendError(f"{what}: {_describe(last)} (gave up after {self.retries + 1} attempts)") from last
+
+    def _check(self, resp: requests.Response, what: str, ok=(200,), not_found: str | None = None) -> None:
+        code = resp.status_code
+        if code in ok:
+            return
+        if code >= 500 or code == 429:
+            raise _RetryableStatus(f"HTTP {code} {_error_detail(resp)}".strip())
+        detail = _error_detail(resp)
+        if code == 401:
+            hint = (f"as {self._creds.username!r}" if self._creds
+                    else f"no credentials for {self.host} in docker config")
+            raise BackendError(f"unauthorized: {what} ({hint}) {detail}".strip())
+        if code == 403:
+            raise BackendError(f"denied: {what} {detail}".strip())
+        if code == 404 and not_found:
+            raise NotFound(not_found)
+        if code == 400 and "DIGEST_INVALID" in _error_codes(resp):
+            raise IntegrityError(f"{what}: registry says content does not match its digest ({detail})")
+        raise BackendError(f"{what}: HTTP {code} {detail}".strip())
+
+    # -- API
+    def ping(self) -> None:
+        """GET /v2/ (authenticating if asked); BackendError if the registry is not usable."""
+        def fn():
+            with self._send("GET", f"{self.base}/v2/") as r:
+                self._check(r, f"ping {self.base}/v2/")
+        self._retrying(f"ping {self.base}/v2/", fn)
+
+    def _ref_name(self, ref: str) -> str:
+        return f"{self.name}{'@' if is_digest(ref) else ':'}{ref}"
+
+    def get_manifest(self, ref: str) -> tuple[bytes, str, str]:
+        """Manifest or index by tag or digest -> (bytes, media type, digest).  Verified if ``ref`` is a digest."""
+        if ":" in ref:
+            check_digest(ref)
+        name = self._ref_name(ref)
+
+        def fn():
+            with self._send("GET", self._url("manifests", ref), headers={"Accept": _ACCEPT}, stream=True) as r:
+                self._check(r, f"get manifest {name}", not_found=f"manifest not found: {name}")
+                buf = bytearray()
+                for piece in r.iter_content(65536):
+                    buf += piece
+                    if len(buf) > MAX_MANIFEST_SIZE:
+                        raise BackendError(f"manifest {name} is larger than {MAX_MANIFEST_SIZE} bytes")
+                return bytes(buf), r.headers.get("Content-Type", "")
+
+        data, ctype = self._retrying(f"get manifest {name}", fn)
+        digest = sha256_digest(data)
+        if is_digest(ref) and digest != ref:
+            raise IntegrityError(f"manifest {name}: content has digest {digest}")
+        media_type = ctype.split(";", 1)[0].strip()
+        if media_type not in MANIFEST_MEDIA_TYPES:
+            try:
+                mt = json.loads(data).get("mediaType")
+            except (ValueError, AttributeError):
+                mt = None
+            if mt:
+                media_type = mt
+        return data, media_type, digest
+
+    def head_manifest(self, ref: str) -> tuple[str, int] | None:
+        """(digest, size) of a manifest if present, else None (no body transferred)."""
+        name = self._ref_name(ref)
+
+        def fn():
+            with self._send("HEAD", self._url("manifests", ref), headers={"Accept": _ACCEPT}) as r:
+                if r.status_code == 404:
+                    return None
+                self._check(r, f"head manifest {name}")
+                return r.headers.get("Docker-Content-Digest", ""), int(r.headers.get("Content-Length") or 0)
+
+        return self._retrying(f"head manifest {name}", fn)
+
+    def put_manifest(self, ref: str, data: bytes, media_type: str) -> str:
+        """PUT a manifest under a tag or its digest; returns its digest."""
+        digest = sha256_digest(data)
+        if is_digest(ref) and ref != digest:
+            raise IntegrityError(f"manifest for {self.name}@{ref} has digest {digest}")
+        name = self._ref_name(ref)
+
+        def fn():
+            with self._send("PUT", self._url("manifests", ref), headers={"Content-Type": media_type},
+                            body=bytes(data), push=True) as r:
+                self._check(r, f"put manifest {name}", ok=(200, 201, 202))
+
+        self._retrying(f"put manifest {name}", fn)
+        return digest
+
+    def head_blob(self, digest: str) -> int | None:
+        """Size of a blob if the repository has it, else None."""
+        check_digest(digest)
+
+        def fn():
+            with self._send("HEAD", self._url("blobs", digest)) as r:
+                if r.status_code == 404:
+                    return None
+                self._check(r, f"head blob {self.name}@{digest}")
+                return int(r.headers.get("Content-Length") or 0)
+
+        return self._retrying(f"head blob {self.name}@{digest}", fn)
+
+    @contextmanager
+    def open_blob(self, digest: str) -> Iterator[BinaryIO]:
+        """Stream a blob.  Its sha256 is checked when the stream reaches EOF; leaving the
+        ``with`` block normally reads the rest and checks too (IntegrityError).
+        A connection lost mid-stream is resumed with a Range request."""
+        check_digest(digest)
+        raw = _BlobReader(self, digest)
+        buf = io.BufferedReader(raw, buffer_size=_IO_BLOCK)
+        try:
+            yield buf
+            while buf.read(_IO_BLOCK):
+                pass
+        finally:
+            buf.close()
+
+    def get_blob(self, digest: str, *, max_size: int = 64 << 20) -> bytes:
+        """A small blob (config, ...) fully in memory, verified."""
+        with self.open_blob(digest) as f:
+            data = f.read(max_size + 1)
+            if len(data) > max_size:
+                raise BackendError(f"blob {self.name}@{digest} is larger than {max_size} bytes")
+        return data
+
+    def read_range(self, digest: str, offset: int, size: int) -> bytes:
+        """Exactly ``size`` bytes of a blob from ``offset`` (HTTP Range; a 200 answer is sliced).
+
+        Not verified here (a range has no digest of its own): callers check chunk digests.
+        """
+        check_digest(digest)
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        if size == 0:
+            return b""
+        name = f"{self.name}@{digest}"
+        what = f"read {size} bytes at {offset} of {name}"
+        end = offset + size - 1
+
+        def beyond(total) -> BackendError:
+            return BackendError(f"{what}: range is beyond the end of the blob ({total} bytes)")
+
+        def fn():
+            with self._send("GET", self._url("blobs", digest), headers={"Range": f"bytes={offset}-{end}"},
+                            stream=True) as r:
+                if r.status_code == 416:
+                    raise beyond(r.headers.get("Content-Range", "?").rpartition("/")[2])
+                self._check(r, what, ok=(200, 206), not_found=f"blob not found: {name}")
+                if r.status_code == 206:
+                    m = _CONTENT_RANGE_RE.match(r.headers.get("Content-Range", ""))
+                    if not m or int(m.group(1)) != offset:
+                        raise BackendError(f"{what}: bad Content-Range {r.headers.get('Content-Range')!r}")
+                    got_len = int(m.group(2)) - offset + 1
+                    if got_len < size:
+                        raise beyond(m.group(3))
+                    data = _read_exact(r.raw, size)
+                else:  # 200: the whole blob
+                    total = r.headers.get("Content-Length")
+                    if total is not None and int(total) < offset + size:
+                        raise beyond(total)
+                    if _skip(r.raw, offset) < offset:
+                        raise _Truncated(f"body ended before offset {offset}")
+                    data = _read_exact(r.raw, size)
+                if len(data) < size:
+                    raise _Truncated(f"got {len(data)} of {size} bytes")
+                return data
+
+        return self._retrying(what, fn)
+
+    def _start_upload(self, params: dict | None = None, scope: str | None = None) -> requests.Response:
+        url = f"{self.base}/v2/{self.repo}/blobs/uploads/"
+        if params:
+            url = _add_query(url, **params)
+        return self._send("POST", url, push=True, scope=scope, headers={"Content-Length": "0"})
+
+    def push_blob(self, digest: str, source: str | os.PathLike | bytes, size: int | None = None, *,
+                  chunk_size: int | None = None) -> bool:
+        """Upload a blob unless present (then False).  ``source``: bytes or a file path (streamed).
+
+        Files of ``CHUNKED_UPLOAD_THRESHOLD`` bytes or more (or any, if ``chunk_size`` is
+        given) go up as PATCH chunks; others in one monolithic PUT.
+        """
+        check_digest(digest)
+        is_bytes = isinstance(source, (bytes, bytearray, memoryview))
+        actual = len(source) if is_bytes else os.path.getsize(source)
+        if size is not None and size != actual:
+            raise BackendError(f"push {digest}: size {size} given, source has {actual} bytes")
+        if is_bytes and sha256_digest(bytes(source)) != digest:
+            raise IntegrityError(f"push {digest}: data has digest {sha256_digest(bytes(source))}")
+        if self.head_blob(digest) is not None:
+            return False
+        name = f"{self.name}@{digest}"
+        what = f"push blob {name}"
+        if chunk_size is None and actual >= CHUNKED_UPLOAD_THRESHOLD:
+            chunk_size = UPLOAD_CHUNK_SIZE
+
+        def body(start: int, length: int):
+            if is_bytes:
+                return bytes(source[start:start + length])
+            return lambda: _FileSlice(os.fspath(source), start, length)
+
+        def fn():
+            with self._start_upload() as r:
+                self._check(r, what, ok=(202,))
+                loc = urljoin(r.url, r.headers.get("Location", ""))
+            octet = {"Content-Type": "application/octet-stream"}
+            if chunk_size and actual > 0:
+                pos = 0
+                while pos < actual:
+                    n = min(chunk_size, actual - pos)
+                    hdrs = dict(octet, **{"Content-Range": f"{pos}-{pos + n - 1}", "Content-Length": str(n)})
+                    with self._send("PATCH", loc, headers=hdrs, body=body(pos, n), push=True) as r:
+                        self._check(r, what, ok=(202,))
+                        loc = urljoin(r.url, r.headers.get("Location") or loc)
+                    pos += n
+                with self._send("PUT", _add_query(loc, digest=digest), headers=octet, push=True) as r:
+                    self._check(r, what, ok=(201,))
+            else:
+                hdrs = dict(octet, **{"Content-Length": str(actual)})
+                with self._send("PUT", _add_query(loc, digest=digest), headers=hdrs,
+                                body=body(0, actual), push=True) as r:
+                    self._check(r, what, ok=(201,))
+
+        self._retrying(what, fn)
+        return True
+
+    def mount_blob(self, digest: str, from_repo: str) -> bool:
+        """Cross-repository mount (same registry); True if the registry mounted it."""
+        check_digest(digest)
+        scope = f"{self._scope(True)} repository:{from_repo}:pull"
+        what = f"mount {digest} from {from_repo} into {self.name}"
+
+        def fn():
+            with self._start_upload({"mount": digest, "from": from_repo}, scope=scope) as r:
+                self._check(r, what, ok=(201, 202))
+                if r.status_code == 201:
+                    return True
+                loc = r.headers.get("Location")
+            if loc:  # the registry opened an upload instead: cancel it
+                try:
+                    self._send("DELETE", urljoin(self.base, loc), push=True).close()
+                except requests.RequestException:
+                    pass
+            return False
+
+        return self._retrying(what, fn)
+
+    def list_tags(self) -> list[str]:
+        tags: list[str] = []
+        url = f"{self.base}/v2/{self.repo}/tags/list"
+        while url:
+            def fn(u=url):
+                with self._send("GET", u) as r:
+                    self._check(r, f"list tags of {self.name}", not_found=f"repository not found: {self.name}")
+                    return r.json(), r.links.get("next", {}).get("url")
+            j, nxt = self._retrying(f"list tags of {self.name}", fn)
+            tags += j.get("tags") or []
+            url = urljoin(url, nxt) if nxt else None
+        return tags
+
+
+def _describe(e: BaseException | None) -> str:
+    if isinstance(e, requests.exceptions.ConnectTimeout):
+        return f"connect timed out ({e})"
+    if isinstance(e, requests.ConnectionError):
+        return f"connection failed ({e})"
+    if isinstance(e, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+        return f"timed out ({e})"
+    return str(e) or type(e).__name__
+
+
+class _BlobReader(io.RawIOBase):
+    """Raw stream of one blob; sha256 checked at EOF; resumes with Range after a broken connection."""
+
+    def __init__(self, client: RegistryClient, digest: str):
+        super().__init__()
+        self._c = client
+        self._digest = digest
+        self._name = f"{client.name}@{digest}"
+        self._hash = hashlib.sha256()
+        self._pos = 0
+        self._size: int | None = None
+        self._resp: requests.Response | None = None
+        self._resumes = 0
+        self._error: BaseException | None = None
+        self._done = False
+        self._open()
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self) -> None:
+        pos = self._pos
+        what = f"get blob {self._name}" + (f" from offset {pos}" if pos else "")
+
+        def fn():
+            hdrs = {"Range": f"bytes={pos}-"} if pos else {}
+            r = self._c._send("GET", self._c._url("blobs", self._digest), headers=hdrs, stream=True)
+            try:
+                self._c._check(r, what, ok=(200, 206), not_found=f"blob not found: {self._name}")
+                if r.status_code == 206:
+                    m = _CONTENT_RANGE_RE.match(r.headers.get("Content-Range", ""))
+                    if not m or int(m.group(1)) != pos:
+                        raise BackendError(f"{what}: bad Content-Range {r.headers.get('Content-Range')!r}")
+                    size = int(m.group(3)) if m.group(3) != "*" else None
+                else:
+                    cl = r.headers.get("Content-Length")
+                    size = int(cl) if cl is not None else None
+                    if pos and _skip(r.raw, pos) < pos:
+                        raise _Truncated(f"body ended before offset {pos}")
+                return r, size
+            except BaseException:
+                r.close()
+                raise
+
+        self._resp, size = self._c._retrying(what, fn)
+        if size is not None:
+            if self._size is not None and size != self._size:
+                raise BackendError(f"get blob {self._name}: size changed from {self._size} to {size}")
+            self._size = size
+
+    def readinto(self, b) -> int:
+        if self._error is not None:
+            raise self._error
+        if self._done:
+            return 0
+        want = len(b)
+        if want == 0:
+            return 0
+        while True:
+            try:
+                data = self._resp.raw.read(min(want, _IO_BLOCK), decode_content=False)
+                break
+            except _TRANSIENT as e:
+                if self._resumes >= self._c.retries:
+                    self._error = BackendError(
+                        f"get blob {self._name}: {_describe(e)} at offset {self._pos} "
+                        f"(gave up after {self._resumes} resumes)")
+                    raise self._error from e
+                self._resumes += 1
+                log.debug("get blob %s: %s at %d; resuming", self._name, e, self._pos)
+                self._resp.close()
+                time.sleep(self._c.backoff * (2 ** (self._resumes - 1)))
+                self._open()
+        n = len(data)
+        if n == 0:
+            self._finish()
+            return 0
+        if self._size is not None and self._pos + n > self._size:
+            self._error = IntegrityError(f"blob {self._name}: more bytes than the announced {self._size}")
+            raise self._error
+        self._hash.update(data)
+        b[:n] = data
+        self._pos += n
+        return n
+
+    def _finish(self) -> None:
+        if self._size is not None and self._pos < self._size:
+            self._error = BackendError(f"get blob {self._name}: ended at {self._pos} of {self._size} bytes")
+            raise self._error
+        got = "sha256:" + self._hash.hexdigest()
+        if got != self._digest:
+            self._error = IntegrityError(f"blob {self._name}: content has digest {got}")
+            raise self._error
+        self._done = True
+
+    def close(self) -> None:
+        if self._resp is not None:
+            self._resp.close()
+        super().close()
