@@ -17,8 +17,10 @@ from rafs.tree import Inode, walk
 
 from .layer import LayerReader, buffered
 from .merge import merge_layers
-from .nydus_image import NydusImage, load_from_store
-from .store import ImageStore, open_store
+from rafs.errors import FormatError
+
+from .nydus_image import NydusImage, load_manifest
+from .store import MEDIA_DOCKER_LIST, MEDIA_OCI_INDEX, ImageStore, open_store
 
 BLOCK = 4096
 
@@ -148,13 +150,41 @@ def verify_blobs(image: NydusImage) -> tuple[list[dict[int, ChunkEntry]], int]:
 
 
 def check(source: str, target: str, *, plain_http: bool = False, platform: str | None = None) -> tuple[list[str], dict]:
+    """Differences between SOURCE and TARGET (empty: a faithful conversion) and what was verified.
+
+    Every platform the target holds is checked against the source's manifest for
+    that platform; without `platform`, a source platform that a target index
+    lacks is a difference too. Problems of multi-platform targets start with the platform.
+    """
     with open_store(source, plain_http=plain_http) as src, open_store(target, plain_http=plain_http) as dst:
-        image = load_from_store(dst, platform)
-        meta = image.bootstrap.meta
-        _, desc = src.manifests_for(src.resolve(), platform)[0]
-        manifest = json.loads(src.get_bytes(desc.digest))
-        tocs, chunks = verify_blobs(image)
-        expected = source_entries(src, manifest, meta.chunk_size, meta.digester)
-        actual = target_entries(image.bootstrap, tocs)
-        problems = compare(expected, actual)
-        return problems, {"entries": len(actual[0]), "chunks_verified": chunks, "blobs": len(tocs)}
+        dst_top, src_top = dst.resolve(), src.resolve()
+        targets = dst.manifests_for(dst_top, platform)
+        if not targets:
+            raise FormatError(f"{target}: no manifest for platform {platform}")
+        sources = src.manifests_for(src_top, platform)
+        problems: list[str] = []
+        stats = {"entries": 0, "chunks_verified": 0, "blobs": 0, "platforms": len(targets)}
+        for plat, desc in targets:
+            label = f"{plat}: " if len(targets) > 1 else ""
+            matching = src.manifests_for(src_top, plat) if plat is not None else sources
+            if not matching:
+                problems.append(f"{plat}: in the converted image, not in the source")
+                continue
+            image = load_manifest(dst, desc)
+            meta = image.bootstrap.meta
+            manifest = json.loads(src.get_bytes(matching[0][1].digest))
+            tocs, chunks = verify_blobs(image)
+            expected = source_entries(src, manifest, meta.chunk_size, meta.digester)
+            actual = target_entries(image.bootstrap, tocs)
+            problems += [label + p for p in compare(expected, actual)]
+            stats["entries"] += len(actual[0])
+            stats["chunks_verified"] += chunks
+            stats["blobs"] += len(tocs)
+        if platform is None and _is_index(dst_top):
+            converted = {str(p) for p, _ in targets}
+            problems += [f"{p}: missing from the converted image" for p, _ in sources if str(p) not in converted]
+        return problems, stats
+
+
+def _is_index(desc) -> bool:
+    return desc.media_type in (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)

@@ -102,8 +102,9 @@ def _check(args) -> int:
         if len(problems) > 200:
             print(f"  ... and {len(problems) - 200} more")
         return 1
+    platforms = f" ({stats['platforms']} platforms)" if stats.get("platforms", 1) > 1 else ""
     print(f"check OK: {stats['entries']} entries equal, {stats['chunks_verified']} chunks in "
-          f"{stats['blobs']} blobs verified")
+          f"{stats['blobs']} blobs verified{platforms}")
     return 0
 
 

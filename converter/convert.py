@@ -27,7 +27,7 @@ from .merge import merge_layers
 from .pack import ChunkDict, ChunkStage, PackedBlob, pack_blobs, resolve_chunks
 from .prefetch import expand_prefetch
 from .progress import Progress
-from .store import Descriptor, ImageStore, open_store
+from .store import Descriptor, ImageStore, Platform, open_store
 
 
 @dataclass
@@ -45,7 +45,7 @@ class ConvertOptions:
 
 @dataclass
 class ConvertedManifest:
-    platform: str | None
+    platform: Platform | None
     descriptor: dict
     blobs: list[PackedBlob]
     uploaded: int
@@ -72,7 +72,8 @@ def convert(source: str, target: str, opts: ConvertOptions) -> list[ConvertedMan
             index = {
                 "schemaVersion": 2,
                 "mediaType": media.OCI_INDEX,
-                "manifests": [dict(r.descriptor, platform=_platform_obj(r.platform)) for r in results],
+                "manifests": [{**{k: v for k, v in r.descriptor.items() if k != "_data"},
+                           "platform": _platform_obj(r.platform)} for r in results],
             }
             dst.tag(_json(index), media.OCI_INDEX)
         else:
@@ -82,7 +83,7 @@ def convert(source: str, target: str, opts: ConvertOptions) -> list[ConvertedMan
         return results
 
 
-def _convert_manifest(src: ImageStore, dst: ImageStore, desc: Descriptor, platform: str | None,
+def _convert_manifest(src: ImageStore, dst: ImageStore, desc: Descriptor, platform: Platform | None,
                       opts: ConvertOptions, chunk_dict: ChunkDict | None, workdir: str,
                       pool: ThreadPoolExecutor) -> ConvertedManifest:
     manifest = json.loads(src.get_bytes(desc.digest))
@@ -206,7 +207,9 @@ def _json(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def _platform_obj(platform: str | None) -> dict:
+def _platform_obj(platform: Platform | str | None) -> dict:
+    if isinstance(platform, Platform):      # what ImageStore.manifests_for yields
+        return platform.to_json()
     parts = (platform or "linux/amd64").split("/")
     obj = {"os": parts[0], "architecture": parts[1]}
     if len(parts) > 2:

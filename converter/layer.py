@@ -31,6 +31,7 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 XATTR_PAX_PREFIX = "SCHILY.xattr."
 _READ_BLOCK = 1 << 20
+MAX_SYMLINKS = 40                   # symlinks followed while resolving one parent path (Linux's limit)
 
 
 class LayerError(ValueError):
@@ -165,8 +166,7 @@ class LayerReader:
                 self.tree.root_declared = True
             return
         parent_parts, base = parts[:-1], parts[-1]
-        parent = self._dir(parent_parts)
-        parent_path = b"/".join(parent_parts)
+        parent, parent_path = self._dir(parent_parts, raw_name)
         if base == OPAQUE_MARKER:
             self.tree.opaque.add(parent_path)
             return
@@ -178,7 +178,7 @@ class LayerReader:
             return
         if len(base) > 255:
             raise LayerError(f"{self.name}: name longer than 255 bytes in {raw_name!r}")
-        path = b"/".join(parts)
+        path = join(parent_path, base)
         if ti.type == tarfile.LNKTYPE:
             self._hardlink(parent, base, path, _raw(ti.linkname))
             return
@@ -209,17 +209,11 @@ class LayerReader:
         node.mtime, node.mtime_nsec = _mtime(ti)
         node.xattrs = _xattrs(ti)
 
-    def _dir(self, parts: list[bytes]) -> Inode:
-        node = self.tree.root
-        for i, part in enumerate(parts):
-            child = node.entries.get(part)
-            if child is None or not child.is_dir():
-                # Implicit parent: applied trees create it 0755 root-owned; merge keeps a lower dir's attrs.
-                child = new_dir(0o755)
-                node.entries[part] = child
-                self.tree.implicit_dirs.add(b"/".join(parts[: i + 1]))
-            node = child
-        return node
+    def _dir(self, parts: list[bytes], raw_name: bytes) -> tuple[Inode, bytes]:
+        """The parent dir of an entry and its path, through this layer's symlinks; undeclared
+        parents are created (applied trees make them 0755 root-owned; merge keeps a lower dir's attrs)."""
+        return resolve_dir(self.tree.root, parts, f"{self.name}: tar entry {raw_name!r}",
+                           self.tree.implicit_dirs)
 
     def _hardlink(self, parent: Inode, base: bytes, path: bytes, target: bytes) -> None:
         target_parts = split_path(target, self.name)
@@ -292,6 +286,57 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
             break
         buf.write(more)
     return buf.getvalue()
+
+
+def resolve_dir(root: Inode, parts: list[bytes], where: str,
+                implicit: set[bytes] | None = None) -> tuple[Inode, bytes] | None:
+    """The directory at `parts` below `root`, found the way an OCI applier finds a parent.
+
+    Symlinks on the way are followed inside the root, like the securejoin of umoci
+    and containerd: an absolute target starts again at the root and '..' stops
+    there, so nothing resolves outside it. With `implicit` (collects their paths)
+    missing directories are created 0755; a non-directory in the way or a symlink
+    loop is then a LayerError. Without it, anything missing gives None.
+    Returns (directory, its path relative to root).
+
+    Within one layer tree, a '..' after a component that is a symlink only in a
+    lower layer is taken lexically (merge follows lower symlinks of undeclared parents).
+    """
+    todo = list(reversed(parts))
+    names: list[bytes] = []
+    nodes = [root]
+    links = 0
+    while todo:
+        part = todo.pop()
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if names:
+                names.pop()
+                nodes.pop()
+            continue
+        child = nodes[-1].entries.get(part)
+        if child is not None and child.is_symlink():
+            links += 1
+            if links > MAX_SYMLINKS:
+                if implicit is None:
+                    return None
+                raise LayerError(f"{where}: too many levels of symbolic links")
+            if child.symlink.startswith(b"/"):
+                del names[:], nodes[1:]
+            todo.extend(reversed(child.symlink.split(b"/")))
+            continue
+        if child is None or not child.is_dir():
+            if implicit is None:
+                return None
+            if child is not None:
+                raise LayerError(f"{where}: {b'/'.join(names + [part])!r} is not a directory")
+            child = new_dir(0o755)
+            nodes[-1].entries[part] = child
+            implicit.add(b"/".join(names + [part]))
+        names.append(part)
+        nodes.append(child)
+    return nodes[-1], b"/".join(names)
 
 
 def join(parent: bytes, name: bytes) -> bytes:

@@ -15,7 +15,7 @@ from rafs.bootstrap import Bootstrap
 from rafs.errors import FormatError
 
 from . import media
-from .store import ImageStore, open_store
+from .store import Descriptor, ImageStore, open_store
 
 
 @dataclass
@@ -60,7 +60,11 @@ def load_from_store(store: ImageStore, platform: str | None = None) -> NydusImag
     entries = store.manifests_for(store.resolve(), platform)
     if not entries:
         raise FormatError(f"no manifest for platform {platform}")
-    _, desc = entries[0]
+    return load_manifest(store, entries[0][1])
+
+
+def load_manifest(store: ImageStore, desc: Descriptor) -> NydusImage:
+    """The nydus image of one (platform's) manifest."""
     manifest = json.loads(store.get_bytes(desc.digest))
     config = json.loads(store.get_bytes(manifest["config"]["digest"]))
     layer = bootstrap_layer(manifest)

@@ -63,7 +63,8 @@ class BackendConfig:
     mirrors: list[MirrorConfig] = field(default_factory=list)
     mirror_penalty: float = DEFAULT_PENALTY    # seconds a failed mirror is skipped
     connect_timeout: float = 3.0
-    read_timeout: float = 10.0                 # per socket read, not per request
+    read_timeout: float = 3.0                  # per socket read (a stall), not per request:
+                                               # (retries + 1) x this bounds a stalled registry
     retries: int = 3                           # retries of transient failures (origin)
     backoff: float = 0.25                      # first retry delay, doubled each time
     mirror_retries: int = 0                    # a failing mirror falls back at once

@@ -51,14 +51,13 @@ Fetching:
 from __future__ import annotations
 
 import bisect
-import errno
 import fcntl
 import logging
 import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from typing import Iterable, Iterator, Sequence
 
@@ -179,11 +178,6 @@ class BlobCache:
         self.map_path = os.path.join(self.dir, self.blob_id + ".chunkmap")
         self.toc_path = os.path.join(self.dir, self.blob_id + ".toc")
 
-        self.footer, self.toc = self._load_toc()
-        self._offsets = [e.uncompressed_offset for e in self.toc]
-        self.view_size = self.footer.uncompressed_size
-        self.total_bytes = sum(e.uncompressed_size for e in self.toc)
-
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._inflight: dict[int, _Pending] = {}
@@ -200,8 +194,12 @@ class BlobCache:
         self._prefetcher: threading.Thread | None = None
         self._write_failed = False
 
-        self._fd = self._open_data_file()
+        self._fd = self._open_data_file()     # locked first: one cache user per blob
         try:
+            self.footer, self.toc = self._load_toc()
+            self._offsets = [e.uncompressed_offset for e in self.toc]
+            self.view_size = self.footer.uncompressed_size
+            self.total_bytes = sum(e.uncompressed_size for e in self.toc)
             self._map, self._state, self._ready_bytes = self._load_state()
         except BaseException:
             os.close(self._fd)
@@ -360,21 +358,22 @@ class BlobCache:
             return b""
         with self._using():
             mem, hits, misses = self._ensure(self._span(offset, end), urgent=True)
-            out = bytearray(end - offset)
-            view = memoryview(out)
-            got = 0
-            while got < len(out):
-                n = os.preadv(self._fd, [view[got:]], offset + got)
-                if n == 0:                 # cannot happen: the file is view_size long
+            out = os.pread(self._fd, end - offset, offset)
+            while len(out) < end - offset:   # only for reads > 2 GiB (Linux caps one read)
+                more = os.pread(self._fd, end - offset - len(out), offset + len(out))
+                if not more:                 # cannot happen: the file is view_size long
                     raise RafsError(f"{self.name}: cache file {self.data_path} is truncated")
-                got += n
-            for i, plain in mem.items():   # chunks that could not be written to the data file
-                e = self.toc[i]
-                lo, hi = max(offset, e.uncompressed_offset), min(end, e.uncompressed_end)
-                out[lo - offset:hi - offset] = plain[lo - e.uncompressed_offset:
-                                                     hi - e.uncompressed_offset]
+                out += more
+            if mem:                          # chunks that could not be written to the data file
+                buf = bytearray(out)
+                for i, plain in mem.items():
+                    e = self.toc[i]
+                    lo, hi = max(offset, e.uncompressed_offset), min(end, e.uncompressed_end)
+                    buf[lo - offset:hi - offset] = plain[lo - e.uncompressed_offset:
+                                                         hi - e.uncompressed_offset]
+                out = bytes(buf)
         self.metrics.read(len(out), hits, misses)
-        return bytes(out)
+        return out
 
     def _ensure(self, indices: Sequence[int], *, urgent: bool,
                 keep: bool = True) -> tuple[dict[int, bytes], int, int]:
@@ -634,18 +633,17 @@ class BlobCache:
             self._cond.notify_all()
 
     def _flush_loop(self) -> None:
+        """Flush after `flush_interval` or `flush_chunks` chunks; exit when nothing is dirty."""
         while True:
             with self._lock:
                 while not self._closing:
-                    if self._dirty >= self.flush_chunks:
+                    if not self._dirty:
+                        self._flusher = None   # _note_dirty starts a new one when needed
+                        return
+                    left = self._dirty_since + self.flush_interval - time.monotonic()
+                    if self._dirty >= self.flush_chunks or left <= 0:
                         break
-                    if self._dirty:
-                        left = self._dirty_since + self.flush_interval - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cond.wait(left)
-                    else:
-                        self._cond.wait()
+                    self._cond.wait(left)
                 if self._closing:
                     return
             try:
@@ -674,7 +672,8 @@ class BlobCache:
     def prefetch(self, ranges: Iterable[tuple[int, int]], low_priority: bool = True) -> Future:
         """Fetch the chunks of view ranges `ranges` ((offset, size) pairs) in the background.
 
-        Returns a Future of the number of chunks fetched (cancelled by `close()`).
+        Returns a Future of the number of chunks fetched; cancelling it (or
+        `close()`) stops the prefetch before its next request.
         Low priority (default): one request at a time, only while no on-demand
         read waits. Otherwise the chunks are fetched like an on-demand read.
         """
@@ -708,26 +707,32 @@ class BlobCache:
                     self._prefetcher = None
                     return
                 indices, fut, low = self._prefetch_jobs.popleft()
-            if not fut.set_running_or_notify_cancel():
+            if fut.cancelled():
                 continue
             try:
-                fut.set_result(self._prefetch_job(indices, low))
+                outcome, failed = self._prefetch_job(indices, low, fut), False
+            except CacheClosed:
+                fut.cancel()
+                continue
             except BaseException as e:
-                if not fut.done():
-                    if isinstance(e, CacheClosed):
-                        fut.cancel() or fut.set_exception(e)
-                    else:
-                        log.warning("%s: prefetch stopped: %s", self.name, e)
-                        fut.set_exception(e)
+                log.warning("%s: prefetch stopped: %s", self.name, e)
+                outcome, failed = e, True
+            try:                               # the Future is never marked running, so a
+                if failed:                     # caller's cancel() stops the job: done maybe
+                    fut.set_exception(outcome)
+                else:
+                    fut.set_result(outcome)
+            except InvalidStateError:
+                pass
 
-    def _prefetch_job(self, indices: list[int], low_priority: bool) -> int:
+    def _prefetch_job(self, indices: list[int], low_priority: bool, fut: Future) -> int:
         if not low_priority:
             with self._using():
                 _, _, misses = self._ensure(indices, urgent=False, keep=False)
                 return misses
         fetched = 0
         pos = 0
-        while pos < len(indices):
+        while pos < len(indices) and not fut.cancelled():
             if not self.gate.wait_idle(self._stop):
                 raise CacheClosed(f"{self.name}: closed during prefetch")
             with self._using():

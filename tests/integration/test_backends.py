@@ -1,0 +1,306 @@
+"""Backends and the blob cache against a real docker-registry on 127.0.0.1.
+
+The backend conformance suite runs over every backend (registry, local OCI
+layout, plain directory, and a mirror chain whose mirror is down); the cache
+conformance suite runs over the registry. Registry-only behaviour (what the
+registry's access log shows, a registry stopped mid-read and restarted,
+mirrors that fail or serve tampered bytes) is tested below them.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rafs.errors import BackendError, IntegrityError
+from rafs.storage.backend import LocalFsBackend, MirrorBackend, RegistryBackend
+from rafs.storage.cache import BlobCache
+from rafs.storage.factory import (BackendConfig, CacheConfig, MirrorConfig, StorageConfig,
+                                  build_backend, build_storage)
+from rafs.storage.registry import ANONYMOUS, RegistryClient
+
+from tests.conformance import make_blob
+from tests.conformance.backend_suite import BackendConformance, BackendEnv
+from tests.conformance.cache_suite import CacheConformance, CacheEnv
+from tests.fakes.backends import CountingBackend
+from tests.fakes.faulty_http import FaultyHTTPServer
+from tests.helpers.registry import free_port
+
+_n = itertools.count(1)
+
+
+def _client(host: str, repo: str, **kw) -> RegistryClient:
+    kw.setdefault("retries", 1)
+    kw.setdefault("backoff", 0.05)
+    return RegistryClient(host, repo, plain_http=True, auth=ANONYMOUS, **kw)
+
+
+def _push(reg, blob, repo: str | None = None) -> str:
+    repo = repo or f"pynydus/storage-{next(_n)}"
+    with _client(reg.host, repo) as c:
+        c.push_blob(blob.digest, blob.data)
+    return repo
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _registry_backend(reg, repo, **kw) -> RegistryBackend:
+    return RegistryBackend(_client(reg.host, repo, **kw))
+
+
+# --------------------------------------------------------------------------- conformance
+
+@pytest.fixture(params=["registry", "localfs-oci", "localfs-plain", "mirror-down"])
+def backend_env(request, registry_session, tmp_path) -> BackendEnv:
+    blob = make_blob(100 + next(_n), chunks=24)
+    kind = request.param
+    if kind == "registry":
+        backend = _registry_backend(registry_session, _push(registry_session, blob))
+    elif kind == "mirror-down":
+        repo = _push(registry_session, blob)
+        dead = RegistryBackend(_client(f"127.0.0.1:{free_port()}", repo, retries=0))
+        backend = MirrorBackend([dead], _registry_backend(registry_session, repo))
+    else:
+        path = (tmp_path / "blobs" / "sha256" / blob.blob_id if kind == "localfs-oci"
+                else tmp_path / blob.blob_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob.data)
+        backend = LocalFsBackend(tmp_path)
+    yield BackendEnv(backend, blob)
+    backend.close()
+
+
+class TestBackendConformance(BackendConformance):
+    """Every backend passes the backend suite."""
+
+
+@pytest.fixture
+def cache_env(registry_session, tmp_path) -> CacheEnv:
+    blob = make_blob(200 + next(_n))
+    repo = _push(registry_session, blob)
+    spy = CountingBackend(_registry_backend(registry_session, repo, retries=0))
+    data = registry_session.blob_data_path(blob.digest)
+    yield CacheEnv(blob, spy, tmp_path / "cache", lambda off: _flip(data, off))
+    spy.close()
+
+
+class TestCacheOverRegistry(CacheConformance):
+    """The cache suite with a real registry behind the cache."""
+
+
+# --------------------------------------------------------------------------- registry specifics
+
+def test_warm_reopen_sends_nothing_to_the_registry(registry_session, tmp_path):
+    reg = registry_session
+    blob = make_blob(300)
+    repo = _push(reg, blob)
+    cfg = StorageConfig(BackendConfig(host=reg.host, repo=repo, plain_http=True, auth=ANONYMOUS),
+                        CacheConfig(dir=str(tmp_path / "cache")))
+    mark = reg.mark()
+    with build_storage(cfg) as mgr:
+        c = mgr.open(blob.summary)
+        assert c.read(0, len(blob.view)) == blob.view
+    cold = reg.blob_gets(since=mark, digest=blob.digest)
+    assert cold and all(e.status == 206 for e in cold)
+    # ranges only, each byte once (+ the 64 KiB before the TOC that the TOC read takes along)
+    assert sum(e.bytes for e in cold) <= len(blob.data) + (64 << 10)
+    mark = reg.mark()
+    with build_storage(cfg) as mgr:
+        c = mgr.open(blob.summary)
+        assert c.read(0, len(blob.view)) == blob.view
+        assert mgr.stats()["metrics"]["requests"] == 0
+    assert reg.access_log(since=mark) == []
+
+
+def test_adjacent_chunks_are_one_range_get_at_the_registry(registry_session, tmp_path):
+    reg = registry_session
+    blob = make_blob(301)
+    repo = _push(reg, blob)
+    first, last = blob.entries[0], blob.entries[7]
+    with BlobCache(tmp_path / "c", blob.summary, _registry_backend(reg, repo),
+                   readahead=False) as c:
+        mark = reg.mark()
+        c.read(0, last.uncompressed_end)
+    gets = reg.blob_gets(since=mark)
+    assert len(gets) == 1 and gets[0].status == 206
+    assert gets[0].bytes == last.compressed_end - first.compressed_offset
+
+
+def test_registry_stopped_mid_read_fails_bounded_then_recovers(registry, tmp_path):
+    blob = make_blob(302)
+    repo = _push(registry, blob)
+    port = registry.port
+    cfg = StorageConfig(BackendConfig(host=registry.host, repo=repo, plain_http=True,
+                                      auth=ANONYMOUS, retries=3, backoff=0.25),
+                        CacheConfig(dir=str(tmp_path / "cache"), merge_size=64 << 10,
+                                    readahead=False))
+    with build_storage(cfg) as mgr:
+        c = mgr.open(blob.summary)
+        done = []
+        outcome: list = []
+        stopped_at: list[float] = []
+
+        def reader():
+            try:
+                for e in blob.entries:
+                    assert c.read(e.uncompressed_offset, e.uncompressed_size) == \
+                        blob.view[e.uncompressed_offset:e.uncompressed_end]
+                    done.append(e)
+                    time.sleep(0.02)
+                outcome.append("finished")
+            except BackendError as err:
+                outcome.append((err, time.monotonic()))
+
+        t = threading.Thread(target=reader)
+        t.start()
+        while len(done) < 5:
+            time.sleep(0.005)
+        registry.stop()
+        stopped_at.append(time.monotonic())
+        t.join(30)
+        assert not t.is_alive()
+        (err, failed_at), = outcome
+        assert failed_at - stopped_at[0] < 15, "a dead registry must fail reads in bounded time"
+        assert registry.host.split(":")[0] in str(err)
+        assert 5 <= len(done) < len(blob.entries)
+        registry.start()
+        assert registry.port == port
+        assert c.read(0, len(blob.view)) == blob.view           # same cache, same port
+        assert c.usage()["complete"]
+
+
+def test_stalled_registry_times_out_then_recovers(registry, tmp_path):
+    """A registry that stops answering (SIGSTOP: connections accepted by the kernel, no bytes)."""
+    blob = make_blob(303)
+    repo = _push(registry, blob)
+    cfg = StorageConfig(BackendConfig(host=registry.host, repo=repo, plain_http=True,
+                                      auth=ANONYMOUS, read_timeout=0.5, retries=2, backoff=0.1),
+                        CacheConfig(dir=str(tmp_path / "cache"), readahead=False))
+    with build_storage(cfg) as mgr:
+        c = mgr.open(blob.summary)
+        os.kill(registry.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(BackendError, match="timed out"):
+                c.read(0, 100)
+            assert time.monotonic() - t0 < 5
+        finally:
+            os.kill(registry.proc.pid, signal.SIGCONT)
+        assert c.read(0, len(blob.view)) == blob.view
+
+
+MIRROR_FAILURES = ["500", "reset", "refused", "stall", "proxy-500"]
+
+
+@pytest.mark.parametrize("failure", MIRROR_FAILURES)
+def test_failing_mirror_falls_back_to_the_origin(registry_session, tmp_path, failure):
+    reg = registry_session
+    blob = make_blob(310 + MIRROR_FAILURES.index(failure))
+    repo = _push(reg, blob)
+    server = None
+    if failure == "refused":
+        address = f"127.0.0.1:{free_port()}"
+    else:
+        server = FaultyHTTPServer(failure.removeprefix("proxy-")).start()
+        address = server.host
+    if failure.startswith("proxy"):
+        mirror_cfg = MirrorConfig("http://" + address, kind="proxy")
+        key = f"mirror proxy http://{address} -> {reg.host}/{repo}"
+    else:
+        mirror_cfg = MirrorConfig(address, plain_http=True)
+        key = f"mirror registry {address}/{repo}"
+    try:
+        cfg = StorageConfig(
+            BackendConfig(host=reg.host, repo=repo, plain_http=True, auth=ANONYMOUS,
+                          read_timeout=0.5, mirrors=[mirror_cfg]),
+            CacheConfig(dir=str(tmp_path / "cache")))
+        t0 = time.monotonic()
+        with build_storage(cfg) as mgr:
+            c = mgr.open(blob.summary)
+            assert c.read(0, len(blob.view)) == blob.view
+            sources = mgr.stats()["metrics"]["sources"]
+        assert time.monotonic() - t0 < 10
+        mirror = sources[key]
+        origin = sources[f"origin registry {reg.host}/{repo}"]
+        assert mirror["bytes"] == 0 and mirror["errors"] == 1 and mirror["penalized"]
+        assert origin["bytes"] >= blob.summary.toc_offset and origin["errors"] == 0
+        if server is not None:
+            assert server.requests == 1          # penalized after the first failure
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def test_mirror_serving_tampered_bytes_is_overruled_by_the_origin(registry_session, registry,
+                                                                   tmp_path, caplog):
+    blob = make_blob(320)
+    repo = _push(registry_session, blob)
+    _push(registry, blob, repo)                  # the mirror has a copy ...
+    e = blob.entries[6]
+    _flip(registry.blob_data_path(blob.digest), e.compressed_offset + 3)   # ... gone bad
+    cfg = StorageConfig(
+        BackendConfig(host=registry_session.host, repo=repo, plain_http=True, auth=ANONYMOUS,
+                      mirrors=[MirrorConfig(registry.host, plain_http=True)]),
+        CacheConfig(dir=str(tmp_path / "cache")))
+    with build_storage(cfg) as mgr:
+        c = mgr.open(blob.summary)
+        assert c.read(0, len(blob.view)) == blob.view
+        st = mgr.stats()["metrics"]
+    assert st["verify_failures"] == 1
+    mirror = st["sources"][f"mirror registry {registry.host}/{repo}"]
+    origin = st["sources"][f"origin registry {registry_session.host}/{repo}"]
+    assert mirror["bytes"] > 0 and origin["bytes"] >= e.compressed_size
+    assert any("mirror served corrupt bytes" in r.getMessage() for r in caplog.records)
+
+
+def test_tampered_blob_in_registry_storage_never_reaches_the_cache(registry_session, tmp_path):
+    reg = registry_session
+    blob = make_blob(330)
+    repo = _push(reg, blob)
+    e = blob.entries[12]
+    _flip(reg.blob_data_path(blob.digest), e.compressed_offset)
+    with BlobCache(tmp_path / "c", blob.summary, build_backend(BackendConfig(
+            host=reg.host, repo=repo, plain_http=True, auth=ANONYMOUS))) as c:
+        with pytest.raises(IntegrityError, match="chunk #12"):
+            c.read(0, len(blob.view))
+        c.prefetch_all().result(10)             # skips the bad chunk, fetches the rest
+        u = c.usage()
+        assert u["chunks_ready"] == len(blob.entries) - 1 and not c.chunk_ready(12)
+        with pytest.raises(IntegrityError):
+            c.read(e.uncompressed_offset, 1)
+
+
+def test_cold_and_warm_read_numbers(registry_session, tmp_path, record_property):
+    """Not a benchmark; bounds that catch gross regressions, numbers for the record."""
+    reg = registry_session
+    blob = make_blob(340, chunks=64, short_every=0)
+    repo = _push(reg, blob)
+    with BlobCache(tmp_path / "c", blob.summary, _registry_backend(reg, repo),
+                   readahead=False) as c:
+        lat = []
+        for e in blob.entries[:32]:
+            t0 = time.perf_counter()
+            c.read(e.uncompressed_offset, 4096)
+            lat.append(time.perf_counter() - t0)
+        lat.sort()
+        c.read(0, len(blob.view))
+        t0 = time.perf_counter()
+        rounds = 20
+        for _ in range(rounds):
+            for off in range(0, len(blob.view), 128 << 10):
+                c.read(off, 128 << 10)
+        warm = rounds * len(blob.view) / (time.perf_counter() - t0) / (1 << 20)
+    record_property("cold_chunk_read_p50_ms", round(lat[len(lat) // 2] * 1000, 2))
+    record_property("warm_read_MiB_s", round(warm))
+    assert lat[len(lat) // 2] < 0.5 and warm > 50

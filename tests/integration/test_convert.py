@@ -1,0 +1,463 @@
+"""`nydusify convert` end to end on OCI layouts (issue #2), checked against independent oracles.
+
+Round trips of the awkward image for a small matrix of chunk sizes, compressors
+and digesters; the expected tree is what `umoci unpack` makes of the source.
+Each converted image is read back three ways: the kernel (file-backed EROFS
+mount of `nydusify export`), erofs-utils (`fsck.erofs --device=...`) and our
+Python reader (bootstrap + verifying blob readers). Then `check`, `inspect`,
+dedup, `--chunk-dict`, multi-platform indexes and the manifest format.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from converter.check import check as check_images
+from rafs import blob as rblob
+from rafs import digest as rdigest
+from rafs.bootstrap import Bootstrap
+from rafs.errors import IntegrityError
+from tests.helpers import images as im
+from tests.helpers import trees as tr
+
+from .conftest import (AWKWARD_CHUNK, KiB, MiB, blob_path, nydusify, reader_tree, run)
+
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+              pytest.mark.skipif(shutil.which("umoci") is None, reason="needs umoci")]
+
+NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
+GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+# (id, --chunk-size, compressor, digester): every chunk size and compressor once, blake3 once.
+# The source is the awkward image made for that chunk size (sizes and repeats at its edges).
+MATRIX = [
+    ("4k-zstd", "4K", "zstd", "sha256"),
+    ("64k-lz4", "64K", "lz4", "sha256"),
+    ("1m-none", "1048576", "none", "sha256"),
+    ("64k-zstd-blake3", "0x10000", "zstd", "blake3"),
+]
+CHUNK_OF = {"4K": 4 * KiB, "64K": 64 * KiB, "1048576": MiB, "0x10000": 64 * KiB}
+
+
+# --------------------------------------------------------------------------- layout reading (plain JSON)
+
+def read_image(layout: Path, tag: str = "nydus", platform: str | None = None) -> tuple[dict, dict, dict]:
+    """(top descriptor, manifest, config) of `tag`, read straight from the layout's files."""
+    idx = json.loads((layout / "index.json").read_text())
+    (top,) = [m for m in idx["manifests"] if m.get("annotations", {}).get(im.REF_NAME) == tag]
+    desc = top
+    if top["mediaType"] == im.MEDIA_INDEX:
+        sub = json.loads(blob_path(layout, top["digest"]).read_bytes())
+        want = platform.split("/")
+        (desc,) = [m for m in sub["manifests"]
+                   if [m["platform"]["os"], m["platform"]["architecture"]] == want[:2]]
+    manifest = json.loads(blob_path(layout, desc["digest"]).read_bytes())
+    config = json.loads(blob_path(layout, manifest["config"]["digest"]).read_bytes())
+    return top, manifest, config
+
+
+def bootstrap_of(layout: Path, manifest: dict) -> Bootstrap:
+    boot_layer = manifest["layers"][-1]
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob_path(layout, boot_layer["digest"]).read_bytes()))) as tf:
+        return Bootstrap.from_bytes(tf.extractfile("image/image.boot").read())
+
+
+def blob_toc(layout: Path, blob_id: str, toc_digest: str | None = None) -> list[rblob.ChunkEntry]:
+    with open(blob_path(layout, "sha256:" + blob_id), "rb") as f:
+        return rblob.BlobReader.from_file(f, toc_digest=toc_digest, blob_id=blob_id).toc
+
+
+def chunk_digests(content: bytes, chunk: int) -> list[bytes]:
+    return [hashlib.sha256(content[i:i + chunk]).digest() for i in range(0, len(content), chunk)]
+
+
+# --------------------------------------------------------------------------- round trips
+
+@pytest.fixture(scope="module", params=MATRIX, ids=[m[0] for m in MATRIX])
+def awkward_nydus(request, awkward_source, convert_once, workdir):
+    """(conversion, image.boot, devices, umoci tree, chunk size, digester) per MATRIX entry."""
+    name, chunk, compressor, digester = request.param
+    source, tree = awkward_source(CHUNK_OF[chunk])
+    conv = convert_once(source, "--chunk-size", chunk, "--compressor", compressor, "--digester", digester)
+    boot, devices = conv.export(workdir / f"export-{name}")
+    return conv, boot, devices, tree, CHUNK_OF[chunk], digester
+
+
+def test_check_passes(awkward_nydus):
+    conv, _, _, tree, _, _ = awkward_nydus
+    r = nydusify("check", "--source", conv.source.ref, "--target", conv.ref, check=True)
+    assert f"check OK: {len(tree)} entries equal" in r.stdout, r.stdout
+
+
+def test_kernel_mount_matches_umoci(awkward_nydus, kernel_mount):
+    _, boot, devices, tree, _, _ = awkward_nydus
+    assert len(devices) == 3          # one blob per source layer (each adds new chunks)
+    mnt = kernel_mount(boot, devices)
+    tr.assert_trees_equal(tree, tr.snapshot_tree(mnt), **tr.UMOCI_DIFF_OPTIONS)
+
+
+def test_python_reader_matches_umoci(awkward_nydus):
+    conv, _, _, tree, _, _ = awkward_nydus
+    tr.assert_trees_equal(tree, reader_tree(conv.ref), **tr.UMOCI_DIFF_OPTIONS)
+
+
+def test_fsck_erofs_passes(awkward_nydus):
+    # erofs-utils 1.5: one --device=PATH per blob, in device-table order, then the image.
+    _, boot, devices, _, _, _ = awkward_nydus
+    r = run("fsck.erofs", *[f"--device={d}" for d in devices], boot, ok=False)
+    assert r.returncode == 0, f"fsck.erofs failed:\n{r.stdout}\n{r.stderr}"
+    # and it does notice a missing device
+    r = run("fsck.erofs", *[f"--device={d}" for d in devices[:-1]], boot, ok=False)
+    assert r.returncode != 0
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_other_source_compressions(compression, workdir, convert_once, awkward_tree):
+    """tar+zstd and plain tar sources hold the same tar streams, so the same tree."""
+    src = im.build_awkward_layout(workdir / f"awkward-{compression}", chunk_size=AWKWARD_CHUNK,
+                                  compression=compression)
+    assert src.manifest.layers[0].media_type == im.MEDIA_LAYER[compression]
+    conv = convert_once(src, "--chunk-size", "64K")
+    tr.assert_trees_equal(awkward_tree, reader_tree(conv.ref), **tr.UMOCI_DIFF_OPTIONS)
+
+
+D, F, S, H = im.Entry.dir, im.Entry.file, im.Entry.symlink, im.Entry.hardlink
+SMALL_IMAGES = {
+    # no regular file holds data: no blob at all, the manifest has just the bootstrap layer
+    "no-file-data": ([[D("etc"), F("etc/empty", b""), S("l", "etc"), im.Entry.fifo("p")],
+                      [im.Entry.whiteout("l")]], 0),
+    # a hardlink to a lower layer's file, and the lower name replaced afterwards
+    "cross-layer-hardlinks": ([[D("etc"), F("etc/a", b"aaa\n", uid=5), H("etc/c", "etc/a")],
+                               [D("etc"), H("etc/b", "etc/a")],
+                               [D("etc"), F("etc/a", b"new\n")]], 2),
+    # the root directory's own attributes come from a "./" entry
+    "root-entry": ([[D("./", mode=0o750, uid=3, gid=4), D("etc"), F("etc/x", b"x\n")]], 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SMALL_IMAGES))
+def test_small_images_match_umoci(case, workdir, kernel_mount, tmp_path):
+    layers, blobs = SMALL_IMAGES[case]
+    src = im.build_oci_layout(workdir / "small", case, layers)
+    expected = tr.snapshot_tree(tr.umoci_unpack(src.layout, case, tmp_path / "bundle"))
+    target = f"oci:{tmp_path / 'nydus'}:nydus"
+    r = nydusify("convert", "--source", src.ref, "--target", target, check=True)
+    assert f" {blobs} blobs" in r.stdout
+    tr.assert_trees_equal(expected, reader_tree(target), **tr.UMOCI_DIFF_OPTIONS)
+    nydusify("export", target, tmp_path / "export", check=True)
+    devices = sorted((tmp_path / "export" / "devices").iterdir(), key=lambda p: int(p.name))
+    assert len(devices) == blobs
+    mnt = kernel_mount(tmp_path / "export" / "image.boot", devices)
+    tr.assert_trees_equal(expected, tr.snapshot_tree(mnt), **tr.UMOCI_DIFF_OPTIONS)
+    nydusify("check", "--source", src.ref, "--target", target, check=True)
+
+
+def test_busybox_runs_from_kernel_mount(busybox_image, convert_once, workdir, kernel_mount):
+    conv = convert_once(busybox_image)
+    boot, devices = conv.export(workdir / "export-busybox")
+    mnt = kernel_mount(boot, devices)
+    r = run("chroot", mnt, "/bin/sh", "-c", "cat /etc/hello.txt && ls /bin | wc -l")
+    assert r.stdout.splitlines() == [im.BUSYBOX_HELLO.decode().strip(), str(1 + len(im.BUSYBOX_APPLETS))]
+
+
+# --------------------------------------------------------------------------- check must fail
+
+def test_check_fails_against_another_source(busybox_image, awkward_image, convert_once):
+    conv = convert_once(busybox_image)
+    r = nydusify("check", "--source", awkward_image.ref, "--target", conv.ref, check=False)
+    assert "check FAILED" in r.stdout
+    lines = r.stdout.splitlines()
+    assert "  /bin/busybox: only in the converted image" in lines
+    assert "  /big/zeros-8m: missing from the converted image" in lines
+    assert lines[-1].startswith("  ... and ") and lines[-1].endswith(" more")     # long diffs are cut
+    assert any(line.startswith("  /etc/hello.txt: ") and "content" in line for line in lines), r.stdout
+
+
+def test_check_fails_on_tampered_blob(awkward_image, convert_once, workdir):
+    conv = convert_once(awkward_image, "--chunk-size", "64K")
+    bad = workdir / "tampered-data"
+    shutil.copytree(conv.layout, bad)
+    _, manifest, _ = read_image(bad)
+    blob = manifest["layers"][0]
+    p = blob_path(bad, blob["digest"])
+    data = bytearray(p.read_bytes())
+    data[10] ^= 0x01                          # inside chunk #0's compressed bytes
+    p.write_bytes(bytes(data))
+    ref = f"oci:{bad}:nydus"
+    r = nydusify("check", "--source", awkward_image.ref, "--target", ref, check=False)
+    assert f"blob {blob['digest']}" in r.stderr and "chunk #0" in r.stderr, r.stderr
+    with pytest.raises(IntegrityError, match=blob["digest"]):
+        check_images(awkward_image.ref, ref)
+
+
+# --------------------------------------------------------------------------- inspect
+
+def test_inspect_json(awkward_image, convert_once, awkward_tree, tmp_path):
+    patterns = tmp_path / "prefetch.txt"
+    patterns.write_text("# first the config, then a tool\n/etc\nbin/tool\n/does/not/exist\n/etc/hello.txt\n")
+    conv = convert_once(awkward_image, "--chunk-size", "64K", "--prefetch-patterns", patterns)
+    r = nydusify("inspect", "--json", conv.ref, check=True)
+    info = json.loads(r.stdout)
+    _, manifest, _ = read_image(conv.layout)
+
+    assert [(l["digest"], l["size"], l["mediaType"]) for l in info["layers"]] == \
+        [(l["digest"], l["size"], l["mediaType"]) for l in manifest["layers"]]
+    assert [l["kind"] for l in info["layers"]] == ["blob"] * 3 + ["bootstrap"]
+    assert len(info["blobs"]) == 3
+    for b, layer in zip(info["blobs"], manifest["layers"]):
+        assert "sha256:" + b["id"] == layer["digest"]
+        assert b["compressed_size"] == layer["size"] == blob_path(conv.layout, layer["digest"]).stat().st_size
+        assert b["chunks"] == len(blob_toc(conv.layout, b["id"])) > 0
+        assert b["uncompressed_size"] % 4096 == 0 and b["compressor"] == "zstd"
+
+    # the awkward image repeats chunks inside a file, between files and across layers
+    assert info["dedup"]["ratio"] > 1
+    assert info["dedup"]["hole_bytes"] >= im.AWKWARD_ZEROS_SIZE + MiB
+    assert info["chunk_size"] == 64 * KiB and info["digester"] == "sha256"
+
+    # counts: each inode once (hardlinks too), compared with umoci's tree
+    inodes = {}
+    for path, e in awkward_tree.items():
+        inodes.setdefault(e.links or path, e)
+    kinds = [e.type for e in inodes.values()]
+    assert info["files"] == kinds.count("file")
+    assert info["dirs"] == kinds.count("dir")
+    assert info["symlinks"] == kinds.count("symlink")
+    assert info["other"] == kinds.count("char") + kinds.count("block") + kinds.count("fifo")
+    assert info["hardlinked_files"] == len({e.links for e in awkward_tree.values() if e.links})
+    assert info["file_bytes"] == sum(e.size for e in inodes.values() if e.type == "file")
+
+    # patterns in order, directories expanded (sorted), missing ones skipped, no repeats
+    assert info["prefetch"] == ["/etc/hello.txt", "/etc/layer3.txt", "/etc/three-3", "/bin/tool"]
+
+    # the human-readable form says the same
+    text = nydusify("inspect", conv.ref, check=True).stdout
+    assert f"(dedup ratio {info['dedup']['ratio']})" in text and "prefetch 4 files" in text
+
+
+# --------------------------------------------------------------------------- dedup
+
+def test_dedup_within_and_across_layers(awkward_nydus):
+    """With the chunk size the image was made for, repeated chunks are stored once."""
+    conv, _, _, _, chunk, digester = awkward_nydus
+    _, manifest, _ = read_image(conv.layout)
+    boot = bootstrap_of(conv.layout, manifest)
+    stored: dict[bytes, list[tuple[int, int]]] = {}        # digest -> [(device, block)]
+    toc_total = 0
+    for dev, b in enumerate(boot.meta.blobs, start=1):
+        toc = blob_toc(conv.layout, b.blob_id, b.toc_digest)
+        toc_total += len(toc)
+        for e in toc:
+            stored.setdefault(e.digest, []).append((dev, e.uncompressed_offset // 4096))
+    assert all(len(v) == 1 for v in stored.values()), "a chunk is stored twice"
+    location = {v[0]: d for d, v in stored.items()}
+
+    img = boot.erofs
+    refs, seen = [], set()
+    for path, nid in img.walk():
+        if img.inode(nid).is_reg() and nid not in seen:
+            seen.add(nid)
+            refs += [i for i in img.chunk_indexes(nid) if i is not None]
+    assert set(refs) <= set(location), "a chunk index points at no TOC entry"
+    assert len(refs) > len(set(refs))          # some chunks are referenced more than once
+    assert len(set(refs)) <= toc_total
+
+    idx = lambda p: img.chunk_indexes(img.resolve(p))  # noqa: E731
+    dup = idx(b"/big/dup-chunks")
+    assert len(dup) == 5 and dup[0] == dup[1] == dup[2] == dup[3] != dup[4]     # within a file
+    assert idx(b"/big/dup-across") == dup                # layer 3 file -> layer 1 blob
+    assert dup[0][0] == 1                                # device 1 = the first layer's blob
+    assert idx(b"/files/multi-copy") == idx(b"/files/multi-3c")                 # between files
+    assert idx(b"/big/zeros-8m") == [None] * (im.AWKWARD_ZEROS_SIZE // chunk)    # holes
+    repeated = rdigest.digest(digester, im.random(chunk, seed=7).read())
+    assert location[dup[0]] == repeated and len(stored[repeated]) == 1
+
+
+def _shared_layers(variant: str) -> list[list[im.Entry]]:
+    D, F = im.Entry.dir, im.Entry.file
+    if variant == "a":
+        return [[D("a"), F("a/shared-1", im.random(300 * KiB, seed=11)),
+                 F("a/shared-2", im.random(200 * KiB, seed=12))],
+                [D("a"), F("a/only-a", im.random(100 * KiB, seed=13))]]
+    return [[D("b"), F("b/copy-of-1", im.random(300 * KiB, seed=11)),
+             F("b/copy-of-2", im.random(200 * KiB, seed=12)),
+             F("b/new", im.random(150 * KiB, seed=21))]]
+
+
+def test_chunk_dict_stores_only_new_chunks(workdir):
+    a = im.build_oci_layout(workdir / "dict-src", "a", _shared_layers("a"))
+    b = im.build_oci_layout(workdir / "dict-src", "b", _shared_layers("b"))
+    dict_ref = f"oci:{workdir / 'dict-a'}:a"
+    nydusify("convert", "--source", a.ref, "--target", dict_ref, "--chunk-size", "64K", check=True)
+    _, dict_manifest, _ = read_image(workdir / "dict-a", "a")
+    dict_blobs = [l["digest"] for l in dict_manifest["layers"][:-1]]
+    assert len(dict_blobs) == 2
+
+    target = workdir / "dict-b"
+    r = nydusify("convert", "--source", b.ref, "--target", f"oci:{target}:b", "--chunk-size", "64K",
+                 "--chunk-dict", dict_ref, check=True)
+    _, manifest, config = read_image(target, "b")
+    boot = bootstrap_of(target, manifest)
+    blob_ids = [x.blob_id for x in boot.meta.blobs]
+    # own blob first, then the dict's blob holding the shared chunks (only the one that is used)
+    assert len(blob_ids) == 2 and "sha256:" + blob_ids[1] == dict_blobs[0]
+    own = blob_toc(target, blob_ids[0], boot.meta.blobs[0].toc_digest)
+    new = set(chunk_digests(im.random(150 * KiB, seed=21).read(), 64 * KiB))
+    assert {e.digest for e in own} == new and len(own) == 3
+
+    # the manifest lists the dict blob too, and the target layout holds it (copied)
+    assert [l["digest"] for l in manifest["layers"][:-1]] == ["sha256:" + i for i in blob_ids]
+    assert blob_path(target, dict_blobs[0]).read_bytes() == blob_path(workdir / "dict-a", dict_blobs[0]).read_bytes()
+    assert config["rootfs"]["diff_ids"][:2] == ["sha256:" + i for i in blob_ids]
+    assert "2 blobs" in r.stdout
+
+    img = boot.erofs
+    for name in (b"/b/copy-of-1", b"/b/copy-of-2"):
+        assert {dev for dev, _ in img.chunk_indexes(img.resolve(name))} == {2}, name
+    assert {dev for dev, _ in img.chunk_indexes(img.resolve(b"/b/new"))} == {1}
+    nydusify("check", "--source", b.ref, "--target", f"oci:{target}:b", check=True)
+    expected = tr.tree_from_layers(_shared_layers("b"))
+    tr.assert_trees_equal(expected, reader_tree(f"oci:{target}:b"))
+
+
+# --------------------------------------------------------------------------- multi-platform
+
+def _platform_layers(arch: str) -> list[list[im.Entry]]:
+    return [[im.Entry.dir("etc"), im.Entry.file("etc/arch", f"{arch}\n".encode()),
+             im.Entry.file("etc/common", im.random(100 * KiB, seed=5))]]
+
+
+@pytest.fixture(scope="module")
+def multi_image(workdir) -> im.ImageInfo:
+    plats = ["linux/amd64", "linux/arm64"]
+    return im.build_oci_layout(workdir / "multi", "multi", {p: _platform_layers(p.split("/")[1]) for p in plats},
+                               platforms=plats)
+
+
+def test_multi_platform_index_converts_every_platform(multi_image, workdir):
+    target = workdir / "multi-all"
+    ref = f"oci:{target}:nydus"
+    nydusify("convert", "--source", multi_image.ref, "--target", ref, check=True)
+    top, _, _ = read_image(target, platform="linux/amd64")
+    assert top["mediaType"] == im.MEDIA_INDEX
+    index = json.loads(blob_path(target, top["digest"]).read_bytes())
+    assert sorted((m["platform"]["os"], m["platform"]["architecture"]) for m in index["manifests"]) == \
+        [("linux", "amd64"), ("linux", "arm64")]
+    for m in index["manifests"]:
+        plat = f"{m['platform']['os']}/{m['platform']['architecture']}"
+        _, manifest, config = read_image(target, platform=plat)
+        assert config["architecture"] == m["platform"]["architecture"]
+        assert manifest["layers"][-1]["annotations"]["containerd.io/snapshot/nydus-bootstrap"] == "true"
+        tree = reader_tree(ref, platform=plat)
+        assert tree[b"etc/arch"].sha256 == hashlib.sha256(f"{m['platform']['architecture']}\n".encode()).hexdigest()
+        nydusify("check", "--source", multi_image.ref, "--target", ref, "--platform", plat, check=True)
+    rootfs = tr.umoci_unpack(multi_image.layout, "multi", workdir / "multi-arm64-bundle", platform="linux/arm64")
+    tr.assert_trees_equal(tr.snapshot_tree(rootfs), reader_tree(ref, platform="linux/arm64"),
+                          **tr.UMOCI_DIFF_OPTIONS)
+
+
+def test_check_covers_every_platform(multi_image, workdir, tmp_path):
+    """Without --platform, check verifies every platform of an index, not just the first."""
+    target = workdir / "multi-all"
+    if not target.exists():
+        nydusify("convert", "--source", multi_image.ref, "--target", f"oci:{target}:nydus", check=True)
+    r = nydusify("check", "--source", multi_image.ref, "--target", f"oci:{target}:nydus", check=True)
+    assert "2 platforms" in r.stdout, r.stdout
+    bad = tmp_path / "bad"
+    shutil.copytree(target, bad)
+    _, manifest, _ = read_image(bad, platform="linux/arm64")
+    blob = blob_path(bad, manifest["layers"][0]["digest"])
+    data = bytearray(blob.read_bytes())
+    data[5] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    r = nydusify("check", "--source", multi_image.ref, "--target", f"oci:{bad}:nydus", check=False)
+    assert manifest["layers"][0]["digest"] in r.stderr, r.stderr
+    # a target holding fewer platforms than the source is not a full conversion
+    one = workdir / "multi-arm64"
+    if not one.exists():
+        nydusify("convert", "--source", multi_image.ref, "--target", f"oci:{one}:nydus",
+                 "--platform", "linux/arm64", check=True)
+    r = nydusify("check", "--source", multi_image.ref, "--target", f"oci:{one}:nydus", check=True)
+    assert "1 platform" not in r.stdout and "check OK" in r.stdout    # its one platform is checked
+    r = nydusify("check", "--source", multi_image.ref, "--target", f"oci:{one}:nydus",
+                 "--platform", "linux/amd64", check=False)
+    assert "linux/amd64" in r.stdout + r.stderr
+
+
+def test_platform_option_converts_one(multi_image, workdir):
+    target = workdir / "multi-arm64"
+    nydusify("convert", "--source", multi_image.ref, "--target", f"oci:{target}:nydus",
+             "--platform", "linux/arm64", check=True)
+    top, manifest, config = read_image(target)
+    assert top["mediaType"] == im.MEDIA_MANIFEST
+    assert (config["os"], config["architecture"]) == ("linux", "arm64")
+    tree = reader_tree(f"oci:{target}:nydus")
+    assert tree[b"etc/arch"].sha256 == hashlib.sha256(b"arm64\n").hexdigest()
+    r = nydusify("convert", "--source", multi_image.ref, "--target", f"oci:{target}:s390x",
+                 "--platform", "linux/s390x", check=False)
+    assert "linux/s390x" in r.stderr
+    assert "s390x" not in json.dumps(json.loads((target / "index.json").read_text()))
+
+
+# --------------------------------------------------------------------------- manifest format
+
+ENTRYPOINT_CONFIG = {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["cat /etc/hello.txt"],
+                     "Env": ["PATH=/bin", "GREETING=hello"], "WorkingDir": "/tmp",
+                     "Labels": {"org.example": "yes"}}
+
+
+def test_manifest_is_nydusify_compatible(workdir):
+    src = im.build_oci_layout(workdir / "ep", "ep", im.busybox_image_layers() + [
+        [im.Entry.dir("etc"), im.Entry.file("etc/second", b"layer 2\n")]], config_overrides=ENTRYPOINT_CONFIG)
+    target = workdir / "ep-nydus"
+    nydusify("convert", "--source", src.ref, "--target", f"oci:{target}:nydus", check=True)
+    top, manifest, config = read_image(target)
+    assert top["mediaType"] == im.MEDIA_MANIFEST and manifest["schemaVersion"] == 2
+    assert manifest["mediaType"] == im.MEDIA_MANIFEST and manifest["config"]["mediaType"] == im.MEDIA_CONFIG
+    *blobs, boot_layer = manifest["layers"]
+    assert len(blobs) == 2
+    for layer in blobs:
+        assert layer["mediaType"] == NYDUS_BLOB
+        assert layer["annotations"] == {"containerd.io/snapshot/nydus-blob": "true"}
+    assert boot_layer["mediaType"] == GZIP_LAYER
+    assert boot_layer["annotations"]["containerd.io/snapshot/nydus-bootstrap"] == "true"
+    for layer in manifest["layers"] + [manifest["config"]]:
+        data = blob_path(target, layer["digest"]).read_bytes()
+        assert (len(data), "sha256:" + hashlib.sha256(data).hexdigest()) == (layer["size"], layer["digest"])
+
+    # the last layer: a gzip tar holding image/image.boot, whose blob table names the blob layers
+    tar = gzip.decompress(blob_path(target, boot_layer["digest"]).read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        names = {m.name: m for m in tf.getmembers()}
+        assert names["image/image.boot"].isfile()
+        boot = Bootstrap.from_bytes(tf.extractfile("image/image.boot").read())
+    assert ["sha256:" + b.blob_id for b in boot.meta.blobs] == [l["digest"] for l in blobs]
+
+    # config: runtime settings kept, diff_ids = blob digests + sha256 of the bootstrap layer's tar
+    src_config = src.manifest.config
+    for key, value in ENTRYPOINT_CONFIG.items():
+        assert config["config"][key] == value == src_config["config"][key]
+    assert (config["os"], config["architecture"]) == (src_config["os"], src_config["architecture"])
+    assert config["rootfs"] == {"type": "layers", "diff_ids": [l["digest"] for l in blobs]
+                                + ["sha256:" + hashlib.sha256(tar).hexdigest()]}
+    assert len(config.get("history", [])) in (0, len(manifest["layers"]))
+
+    # skopeo (containers/image) accepts the layout: it copies and verifies every blob
+    out = workdir / "ep-skopeo"
+    run("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{target}:nydus", f"dir:{out}")
+    assert (out / "manifest.json").read_bytes() == blob_path(target, top["digest"]).read_bytes()
+    # converting the result again is refused: it already is a nydus image
+    r = nydusify("convert", "--source", f"oci:{target}:nydus", "--target", f"oci:{workdir / 'ep-again'}:x",
+                 check=False)
+    assert "already a nydus image" in r.stderr
