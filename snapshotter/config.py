@@ -1,0 +1,100 @@
+"""The snapshotter's own configuration (TOML), parsed here and only here.
+
+    # /etc/nydus-snapshotter/config.toml  (every key optional)
+    root = "/var/lib/nydus-snapshotter"
+    address = "/run/nydus-snapshotter/snapshotter.sock"
+    log_level = "info"                    # debug logs every RPC
+
+    [daemon]
+    mode = "auto"                         # auto | fuse | erofs  (auto: erofs when the kernel can)
+    cache_dir = ""                        # default ROOT/cache; shared by every image (chunks dedup by blob)
+    prefetch = false                      # fetch whole blobs in the background after mounting
+    startup_timeout = 30.0                # seconds for a mount daemon to come up
+    restart = true                        # watch mount daemons; restart a dead one and repair its mount
+    run_dir = ""                          # daemon state + API sockets (default /run/nydus-snapshotter/<hash>)
+    fallback = true                       # if an image cannot be mounted lazily, pull it in full instead
+    command = []                          # mount daemon launcher; default [python, -m, snapshotter.mountd]
+
+    [backend]
+    plain_http = []                       # registries spoken to over http ("127.0.0.1:5000"); true = all
+    docker_config = ""                    # credentials file (default ~/.docker/config.json)
+
+Lazy mounts are per image (one mount daemon per bootstrap snapshot), all sharing
+the one blob cache.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+
+DEFAULT_ROOT = "/var/lib/nydus-snapshotter"
+DEFAULT_ADDRESS = "/run/nydus-snapshotter/snapshotter.sock"
+MODES = ("auto", "fuse", "erofs")
+
+
+@dataclass
+class DaemonConfig:
+    mode: str = "auto"
+    cache_dir: str = ""
+    prefetch: bool = False
+    startup_timeout: float = 30.0
+    restart: bool = True
+    run_dir: str = ""              # daemons' state (api sockets); default /run/nydus-snapshotter/<hash of root>
+    fallback: bool = True          # a lazy mount that fails: download the blobs and unpack the tree instead
+    command: list[str] = field(default_factory=list)   # mount daemon launcher (default: python -m snapshotter.mountd)
+
+
+@dataclass
+class BackendConfig:
+    plain_http: bool | list[str] = field(default_factory=list)
+    docker_config: str = ""
+
+    def is_plain_http(self, host: str) -> bool:
+        if self.plain_http is True:
+            return True
+        if isinstance(self.plain_http, list) and host in self.plain_http:
+            return True
+        # loopback registries are spoken to over plain http, as docker and containerd do
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+        return name in ("localhost", "127.0.0.1", "[::1]")
+
+
+@dataclass
+class Config:
+    root: str = DEFAULT_ROOT
+    address: str = DEFAULT_ADDRESS
+    log_level: str = "info"
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    @property
+    def cache_dir(self) -> str:
+        return self.daemon.cache_dir or os.path.join(self.root, "cache")
+
+
+def _apply(obj, table: dict, where: str) -> None:
+    names = {f.name: f for f in fields(obj)}
+    for k, v in table.items():
+        if k not in names:
+            raise ValueError(f"{where}: unknown key {k!r} (known: {', '.join(sorted(names))})")
+        cur = getattr(obj, k)
+        if hasattr(cur, "__dataclass_fields__"):
+            if not isinstance(v, dict):
+                raise ValueError(f"{where}.{k} must be a table")
+            _apply(cur, v, f"{where}.{k}")
+        else:
+            setattr(obj, k, v)
+
+
+def load_config(path: str | None = None, **overrides) -> Config:
+    cfg = Config()
+    if path:
+        with open(path, "rb") as f:
+            _apply(cfg, tomllib.load(f), os.path.basename(path))
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    if cfg.daemon.mode not in MODES:
+        raise ValueError(f"daemon.mode {cfg.daemon.mode!r} is not one of {', '.join(MODES)}")
+    return cfg

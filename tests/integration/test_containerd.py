@@ -1,0 +1,340 @@
+"""nydus-snapshotter under Debian's real containerd 1.6 (+ runc, ctr, docker-registry).
+
+Every test gets its own containerd (root/state/socket under tmp, unique
+namespace) and its own snapshotter process, both torn down with their mounts
+and mount daemons. The images are built once per module and pushed to the
+session registry: an ordinary OCI busybox image (`:oci`) and its nydus
+conversion (`:nydus`), 64 KiB chunks. Besides busybox the image has
+/data/big (2 MiB of random bytes) that no container reads until a test does,
+so a read of it must go to the registry (or fail) and cannot come from a
+cache warmed by the container's start.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+from converter.convert import ConvertOptions, convert
+from snapshotter.snapshots import (LABEL_CRI_IMAGE_LAYERS, LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST,
+                                   LABEL_CRI_MANIFEST_DIGEST, LABEL_NYDUS_BLOB, LABEL_REMOTE, LABEL_SNAPSHOT_REF)
+from tests.helpers import images as im
+from tests.helpers.containerd import Containerd, SnapshotterProcess, mounts_under
+from tests.helpers.cri import CRI_NAMESPACE, CriClient
+from tests.helpers.registry import skopeo_copy
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="containerd, runc and mounts need root"),
+    pytest.mark.skipif(not all(shutil.which(b) for b in ("containerd", "ctr", "runc", "skopeo")),
+                       reason="needs containerd, runc and skopeo (apt)"),
+    pytest.mark.skipif(not os.path.isfile("/bin/busybox"), reason="needs busybox-static"),
+]
+
+HELLO = im.BUSYBOX_HELLO.decode()
+BIG = im.random(2 << 20, seed=5)
+
+
+@dataclass
+class Images:
+    host: str
+    repo: str
+    oci: str                  # HOST/REPO:oci
+    nydus: str                # HOST/REPO:nydus
+    blob_digests: list[str]   # the nydus blob layers
+    bootstrap_digest: str
+    big_md5: str
+
+
+@pytest.fixture(scope="module")
+def images(registry_session, tmp_path_factory) -> Images:
+    import hashlib
+    import json
+    work = tmp_path_factory.mktemp("ctd-images")
+    layers = im.busybox_image_layers() + [[
+        im.Entry.dir("data"), im.Entry.file("data/big", BIG), im.Entry.file("data/small", b"small file\n")]]
+    layout = im.build_oci_layout(work / "layout", "bb", layers, config_overrides=im.BUSYBOX_CONFIG)
+    host = registry_session.host
+    repo = f"ctd-{uuid.uuid4().hex[:8]}"
+    skopeo_copy(layout.ref, f"docker://{host}/{repo}:oci")
+    convert(layout.ref, f"{host}/{repo}:nydus", ConvertOptions(plain_http=True, chunk_size=64 << 10))
+    from converter.store import open_store
+    with open_store(f"{host}/{repo}:nydus", plain_http=True) as store:
+        manifest = json.loads(store.get_bytes(store.resolve().digest))
+    layers = manifest["layers"]
+    blobs = [l["digest"] for l in layers if (l.get("annotations") or {}).get(LABEL_NYDUS_BLOB) == "true"]
+    boot = [l["digest"] for l in layers if "containerd.io/snapshot/nydus-bootstrap" in (l.get("annotations") or {})]
+    assert blobs and len(boot) == 1
+    return Images(host, repo, f"{host}/{repo}:oci", f"{host}/{repo}:nydus", blobs, boot[0],
+                  hashlib.md5(BIG.read()).hexdigest())
+
+
+@dataclass
+class Env:
+    snap: SnapshotterProcess
+    ctd: Containerd
+    registry: object
+    images: Images
+
+    def rpull(self, ref: str, namespace: str | None = None):
+        r = self.snap.cli("rpull", "--address", self.ctd.address, "--namespace", namespace or self.ctd.namespace,
+                          "--plain-http", ref, timeout=120)
+        assert r.returncode == 0, f"rpull failed:\n{r.stdout}\n{r.stderr}\n{self.snap.log()[-3000:]}"
+        return r.stdout
+
+    def blob_traffic(self, since: int) -> list:
+        """Registry log entries for blobs of this module's repository since mark ``since``."""
+        return [e for e in self.registry.access_log(since)
+                if e.path.startswith(f"/v2/{self.images.repo}/blobs/")]
+
+
+@pytest.fixture
+def env(tmp_path, registry_session, images):
+    snap = SnapshotterProcess(tmp_path / "snap")
+    ctd = Containerd(tmp_path / "ctd", snapshotter=snap, registry_host=images.host)
+    try:
+        snap.start()
+        ctd.start()
+        yield Env(snap, ctd, registry_session, images)
+    finally:
+        try:
+            ctd.stop()
+        finally:
+            snap.teardown()
+        left = mounts_under(tmp_path)
+        assert not left, f"mounts left behind: {left}"
+
+
+def _nydus_blob_gets(entries, images: Images) -> list:
+    return [e for e in entries if e.method == "GET" and e.digest in images.blob_digests]
+
+
+# ---------------------------------------------------------------------------------- ordinary images
+
+def test_ordinary_image_pull_and_run(env):
+    """`ctr images pull` (no labels: containerd downloads and unpacks) then `ctr run`, through our snapshotter."""
+    env.ctd.ctr("images", "pull", "--plain-http", "--snapshotter", "nydus", env.images.oci)
+    r = env.ctd.ctr_run(env.images.oci, "plain1")
+    assert r.stdout == HELLO
+    r = env.ctd.ctr_run(env.images.oci, "plain2", "sh", "-c", "md5sum /data/big; echo x > /tmp/w; cat /tmp/w")
+    assert r.stdout.split()[0] == env.images.big_md5 and r.stdout.endswith("x\n")
+    snaps = env.ctd.ctr("snapshots", "--snapshotter", "nydus", "ls").stdout
+    assert snaps.count("Committed") == 2          # two layers, unpacked normally
+
+
+def test_rpull_of_ordinary_image_is_a_full_pull(env):
+    out = env.rpull(env.images.oci)
+    assert "full pull" in out and "0 layer(s) served lazily" in out
+    assert env.ctd.ctr_run(env.images.oci, "full1").stdout == HELLO
+    st = env.snap.status()
+    assert [(i["ref"], i["status"]) for i in st["images"]] == [(env.images.oci, "full")]
+    assert st["mounts"] == []
+
+
+def test_ctr_pull_sends_no_labels(env):
+    """containerd 1.6's `ctr images pull` sends no snapshot labels: a nydus image cannot be pulled lazily by it
+    (containerd downloads the nydus blob and fails to unpack it: "no processor for media-type")."""
+    r = env.ctd.ctr("images", "pull", "--plain-http", "--snapshotter", "nydus", env.images.nydus, check=False)
+    assert r.returncode != 0
+    assert "failed to extract layer" in r.stderr and "nydus.blob" in r.stderr, r.stderr   # no processor for it
+    log = env.snap.log()
+    assert "Prepare key=" in log and "AlreadyExists" not in log     # no labels -> no remote snapshot
+
+
+# ---------------------------------------------------------------------------------- lazy: rpull
+
+def test_rpull_then_run_lazily(env, record_property):
+    images, reg = env.images, env.registry
+    mark = reg.mark()
+    t0 = time.monotonic()
+    out = env.rpull(images.nydus)
+    t_pull = time.monotonic() - t0
+    assert f"{len(images.blob_digests)} layer(s) served lazily" in out, out
+    pulled = env.blob_traffic(mark)
+    assert not _nydus_blob_gets(pulled, images), "the pull fetched nydus blob layers"
+    assert {e.digest for e in pulled if e.method == "GET"} <= {images.bootstrap_digest} | \
+        {e.digest for e in pulled if e.bytes < 4096}                 # + the config
+
+    mark = reg.mark()
+    t0 = time.monotonic()
+    r = env.ctd.ctr_run(images.nydus, "lazy1")
+    t_run = time.monotonic() - t0
+    assert r.stdout == HELLO
+    ran = env.blob_traffic(mark)
+    gets = [e for e in ran if e.method == "GET"]
+    assert gets and all(e.status == 206 and e.digest in images.blob_digests for e in gets), \
+        [(e.path, e.status) for e in gets]
+    fetched = sum(e.bytes for e in gets)
+    record_property("rpull_s", round(t_pull, 3))
+    record_property("first_run_s", round(t_run, 3))
+    record_property("range_gets", len(gets))
+    record_property("bytes_fetched", fetched)
+
+    # a file nobody read yet is fetched on demand, correctly
+    mark = reg.mark()
+    r = env.ctd.ctr_run(images.nydus, "lazy2", "md5sum", "/data/big")
+    assert r.stdout.split()[0] == images.big_md5
+    assert all(e.status == 206 for e in env.blob_traffic(mark) if e.method == "GET")
+
+    st = env.snap.status()
+    assert [(i["ref"], i["status"]) for i in st["images"]] == [(images.nydus, "lazy")]
+    [m] = st["mounts"]
+    assert m["daemon_alive"] and m["mode"] in ("erofs", "fuse") and m["bytes_fetched"] >= 2 << 20
+    assert m["cache_bytes"] > 0
+    assert "served lazily" in env.snap.log()
+
+
+# ---------------------------------------------------------------------------------- lazy: CRI
+
+def test_cri_pull_sends_labels_and_goes_lazy(env):
+    images, reg = env.images, env.registry
+    mark = reg.mark()
+    with CriClient(env.ctd.address) as cri:
+        image_id = cri.pull(images.nydus)
+        assert image_id.startswith("sha256:")
+    assert not _nydus_blob_gets(env.blob_traffic(mark), images)
+    with env.snap.client() as sn:
+        remote = [i for i in sn.list() if LABEL_REMOTE in i.labels]
+        assert len(remote) == len(images.blob_digests)
+        labels = remote[0].labels
+        assert labels[LABEL_CRI_IMAGE_REF] == images.nydus
+        assert labels[LABEL_CRI_LAYER_DIGEST] == images.blob_digests[0]
+        assert labels[LABEL_CRI_MANIFEST_DIGEST].startswith("sha256:")
+        assert labels[LABEL_CRI_IMAGE_LAYERS].split(",")[0] == images.blob_digests[0]
+        assert labels[LABEL_NYDUS_BLOB] == "true" and labels[LABEL_SNAPSHOT_REF] == remote[0].name
+    r = env.ctd.ctr_run(images.nydus, "cri1", "cat", "/etc/hello.txt", namespace=CRI_NAMESPACE)
+    assert r.stdout == HELLO
+    st = env.snap.status()
+    assert (images.nydus, "lazy") in [(i["ref"], i["status"]) for i in st["images"]]
+
+
+def test_cri_pull_of_ordinary_image(env):
+    with CriClient(env.ctd.address) as cri:
+        cri.pull(images_oci := env.images.oci)
+        assert any(images_oci in i["repo_tags"] for i in cri.list())
+    r = env.ctd.ctr_run(images_oci, "cri2", "cat", "/data/small", namespace=CRI_NAMESPACE)
+    assert r.stdout == "small file\n"
+    assert [(i["ref"], i["status"]) for i in env.snap.status()["images"]] == [(images_oci, "full")]
+
+
+def test_cri_without_annotations_cannot_go_lazy(tmp_path, registry_session, images):
+    """With containerd's default disable_snapshot_annotations = true no image reference reaches the snapshotter
+    (the layer's own nydus-blob annotation does): the pull fails, and status says why."""
+    snap = SnapshotterProcess(tmp_path / "snap", log_level="info")
+    ctd = Containerd(tmp_path / "ctd", snapshotter=snap, registry_host=images.host, cri_annotations=False)
+    try:
+        snap.start()
+        ctd.start()
+        with CriClient(ctd.address) as cri, pytest.raises(Exception) as ei:
+            cri.pull(images.nydus)
+        assert "nydus.blob" in str(ei.value)
+        [img] = snap.status()["images"]
+        assert img["status"] == "failed" and "disable_snapshot_annotations = false" in img["detail"]
+    finally:
+        try:
+            ctd.stop()
+        finally:
+            snap.teardown()
+
+
+def test_failed_lazy_mount_falls_back_to_a_full_pull(tmp_path, registry_session, images):
+    """A mount daemon that cannot start (here: a launcher that fails) -> the image is pulled in full and runs."""
+    snap = SnapshotterProcess(tmp_path / "snap", log_level="info", config={"daemon": {"command": ["/bin/false"]}})
+    ctd = Containerd(tmp_path / "ctd", snapshotter=snap, registry_host=images.host)
+    env = Env(snap, ctd, registry_session, images)
+    try:
+        snap.start()
+        ctd.start()
+        env.rpull(images.nydus)
+        mark = registry_session.mark()
+        r = ctd.ctr_run(images.nydus, "fb1", "md5sum", "/data/big")
+        assert r.stdout.split()[0] == images.big_md5
+        full_gets = [e for e in env.blob_traffic(mark) if e.method == "GET" and e.status == 200]
+        assert {e.digest for e in full_gets} == set(images.blob_digests)      # whole blobs, once each
+        [img] = snap.status()["images"]
+        assert img["status"] == "full" and "fell back to a full pull" in img["detail"]
+        assert "falling back to a full pull" in snap.log()
+        assert ctd.ctr_run(images.nydus, "fb2", "cat", "/data/small").stdout == "small file\n"
+        assert len(full_gets) == len(env.blob_traffic(mark))                  # nothing fetched again
+    finally:
+        try:
+            ctd.stop()
+        finally:
+            snap.teardown()
+
+
+# ---------------------------------------------------------------------------------- removal
+
+def test_remove_unmounts_and_frees_cache(env):
+    images = env.images
+    env.rpull(images.nydus)
+    assert env.ctd.ctr_run(images.nydus, "rm1", "md5sum", "/data/big").stdout.split()[0] == images.big_md5
+    [m] = env.snap.status()["mounts"]
+    cache = env.snap.workdir / "cache" / m["key"]
+    assert m["cache_bytes"] >= 2 << 20 and cache.exists()
+    [pid] = env.snap.daemon_pids()
+    env.ctd.ctr("images", "rm", "--sync", images.nydus)     # GC: Remove children first, then Cleanup
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (cache.exists() or env.snap.status()["mounts"]):
+        time.sleep(0.2)
+    assert not cache.exists(), env.snap.log()[-3000:]
+    assert env.snap.status()["mounts"] == []
+    assert not mounts_under(env.snap.root / "rafs")
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+    with env.snap.client() as sn:
+        assert sn.list() == []
+
+
+# ---------------------------------------------------------------------------------- recovery
+
+def _run_detached(env, cid: str):
+    env.ctd.ctr("run", "-d", "--snapshotter", "nydus", env.images.nydus, cid, "sleep", "600")
+
+
+def _exec(env, cid: str, *cmd, check=True):
+    return env.ctd.ctr("tasks", "exec", "--exec-id", f"e{uuid.uuid4().hex[:6]}", cid, *cmd, check=check)
+
+
+def test_snapshotter_restart_while_container_runs(env):
+    env.rpull(env.images.nydus)
+    _run_detached(env, "long1")
+    try:
+        assert _exec(env, "long1", "cat", "/etc/hello.txt").stdout == HELLO
+        [pid] = env.snap.daemon_pids()
+        since = env.snap.log_size()
+        env.snap.stop(kill=True)                           # SIGKILL: no goodbye
+        # the container keeps reading, even what nobody fetched yet, while no snapshotter runs
+        assert _exec(env, "long1", "md5sum", "/data/big").stdout.split()[0] == env.images.big_md5
+        env.snap.start()
+        assert env.snap.wait_log("re-attached to its lazy mount", since=since), env.snap.log()[-3000:]
+        assert env.snap.daemon_pids() == [pid]             # the same daemon, not a new mount
+        assert _exec(env, "long1", "cat", "/data/small").stdout == "small file\n"
+        # and the restarted snapshotter serves new containers of the image (once containerd's backoff let go)
+        env.ctd.wait_snapshotter()
+        assert env.ctd.ctr_run(env.images.nydus, "after1").stdout == HELLO
+        [m] = env.snap.status()["mounts"]
+        assert m["daemon_alive"] and m["restarts"] == 0
+    finally:
+        env.ctd.ctr("tasks", "kill", "-s", "SIGKILL", "long1", check=False)
+
+
+def test_killed_mount_daemon_is_restarted(env):
+    env.rpull(env.images.nydus)
+    assert env.ctd.ctr_run(env.images.nydus, "k1").stdout == HELLO
+    [pid] = env.snap.daemon_pids()
+    since = env.snap.log_size()
+    os.kill(pid, signal.SIGKILL)
+    assert env.snap.wait_log("(restart #1)", since=since), env.snap.log()[-3000:]
+    [new_pid] = env.snap.daemon_pids()
+    assert new_pid != pid
+    r = env.ctd.ctr_run(env.images.nydus, "k2", "md5sum", "/data/big")
+    assert r.stdout.split()[0] == env.images.big_md5
+    [m] = env.snap.status()["mounts"]
+    assert m["restarts"] == 1 and m["daemon_alive"]
