@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("ref")
     e.add_argument("dir")
     common(e)
+
+    from .mount_cli import add_parsers
+    add_parsers(sub, common)
     return p
 
 
@@ -128,7 +131,15 @@ def _export(args) -> int:
     return 0
 
 
-_COMMANDS = {"convert": _convert, "check": _check, "inspect": _inspect, "export": _export}
+def _mount_commands(name: str):
+    def run(args) -> int:
+        from .mount_cli import COMMANDS
+        return COMMANDS[name](args)
+    return run
+
+
+_COMMANDS = {"convert": _convert, "check": _check, "inspect": _inspect, "export": _export,
+             **{name: _mount_commands(name) for name in ("mount", "umount", "stats")}}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,114 +1,30 @@
 """A real registry for tests: Debian's ``docker-registry`` (distribution 2.8) on 127.0.0.1.
 
+The registry itself lives in ``converter.localregistry`` (the README's demo uses
+it too); this module re-exports it for tests and adds test-only helpers:
+``skopeo_copy`` and ``write_docker_config``.
+
     with run_registry(tmp_path) as reg:          # or the `registry` / `registry_session` fixtures
         reg.host                                 # "127.0.0.1:PORT"
         n = reg.mark()
         ...
         gets = reg.blob_gets(since=n)            # GET /v2/<repo>/blobs/<digest> entries
         sum(e.bytes for e in gets)               # body bytes the registry served
-
-The access log is distribution's combined-format log on stdout (gorilla
-handlers): client, user, time, request line, status, *body bytes written*,
-referer, user agent.  It does NOT contain the Range header; a range GET shows
-as status 206 with ``bytes`` = bytes actually sent.  (Application log on
-stderr: ``registry.log``.)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import socket
 import subprocess
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
-import requests
+from converter.localregistry import (REGISTRY_BIN, AccessLogEntry, Registry, free_port,
+                                     make_htpasswd, parse_access_log, push_image, run_registry)
 
-REGISTRY_BIN = "/usr/bin/docker-registry"
-
-_LINE_RE = re.compile(
-    r'^(?P<client>\S+) \S+ (?P<user>\S+) \[(?P<time>[^\]]+)\] "(?P<method>[A-Z]+) (?P<target>\S+) (?P<proto>[^"]*)" '
-    r'(?P<status>\d{3}) (?P<bytes>\d+|-)(?: "(?P<referer>[^"]*)" "(?P<agent>[^"]*)")?')
-
-
-@dataclass(frozen=True)
-class AccessLogEntry:
-    method: str
-    path: str          # request target without the query string
-    query: str
-    status: int
-    bytes: int         # response body bytes written by the registry
-    range: str | None  # always None: distribution 2.8 does not log request headers
-    user_agent: str
-    user: str
-
-    @property
-    def is_blob_get(self) -> bool:
-        return self.method == "GET" and "/blobs/sha256:" in self.path
-
-    @property
-    def digest(self) -> str | None:
-        m = re.search(r"/(?:blobs|manifests)/(sha256:[0-9a-f]{64})$", self.path)
-        return m.group(1) if m else None
-
-
-def parse_access_log(text: str) -> list[AccessLogEntry]:
-    out = []
-    for line in text.splitlines():
-        m = _LINE_RE.match(line)
-        if not m:
-            continue
-        path, _, query = m.group("target").partition("?")
-        out.append(AccessLogEntry(
-            method=m.group("method"), path=path, query=query, status=int(m.group("status")),
-            bytes=0 if m.group("bytes") == "-" else int(m.group("bytes")), range=None,
-            user_agent=m.group("agent") or "", user=m.group("user")))
-    return out
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the test process dies without stopping us (Linux prctl)."""
-    try:
-        import ctypes
-        import signal
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_htpasswd(path: str | os.PathLike, users: Mapping[str, str]) -> Path:
-    """A bcrypt htpasswd file (the only hash distribution accepts).
-
-    Uses ``htpasswd`` from apache2-utils; falls back to the python ``bcrypt`` package.
-    """
-    lines = []
-    exe = shutil.which("htpasswd")
-    for user, pw in users.items():
-        if exe:
-            r = subprocess.run([exe, "-nbB", "-C", "5", user, pw], capture_output=True, text=True, check=True)
-            lines.append(r.stdout.strip())
-        else:
-            try:
-                import bcrypt  # type: ignore
-            except ImportError:
-                raise RuntimeError("need `htpasswd` (apt-get install apache2-utils) or python bcrypt "
-                                   "to make an htpasswd file") from None
-            lines.append(f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(5)).decode()}")
-    p = Path(path)
-    p.write_text("\n".join(lines) + "\n")
-    return p
+__all__ = ["REGISTRY_BIN", "AccessLogEntry", "Registry", "free_port", "make_htpasswd", "parse_access_log",
+           "push_image", "run_registry", "skopeo_copy", "write_docker_config"]
 
 
 def write_docker_config(config_dir: str | os.PathLike, auths: Mapping[str, tuple[str, str]]) -> Path:
@@ -119,164 +35,6 @@ def write_docker_config(config_dir: str | os.PathLike, auths: Mapping[str, tuple
     cfg = {"auths": {h: {"auth": base64.b64encode(f"{u}:{p}".encode()).decode()} for h, (u, p) in auths.items()}}
     (d / "config.json").write_text(json.dumps(cfg))
     return d / "config.json"
-
-
-class Registry:
-    """One docker-registry process; start()/stop() may be repeated (same port and storage)."""
-
-    def __init__(self, workdir: str | os.PathLike, *, htpasswd: str | os.PathLike | Mapping[str, str] | None = None,
-                 port: int | None = None):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.storage_dir = self.workdir / "storage"
-        self.storage_dir.mkdir(exist_ok=True)
-        self.access_log_path = self.workdir / "access.log"
-        self.app_log_path = self.workdir / "registry.log"
-        self.config_path = self.workdir / "config.yml"
-        if isinstance(htpasswd, Mapping):
-            htpasswd = make_htpasswd(self.workdir / "htpasswd", htpasswd)
-        self.htpasswd = Path(htpasswd) if htpasswd else None
-        self.port = port or free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    def _write_config(self) -> None:
-        q = json.dumps  # a JSON string is a valid YAML double-quoted scalar
-        cfg = [
-            "version: 0.1",
-            "log:",
-            "  level: info",
-            "  formatter: text",
-            "  accesslog:",
-            "    disabled: false",
-            "storage:",
-            "  filesystem:",
-            f"    rootdirectory: {q(str(self.storage_dir))}",
-            "  delete:",
-            "    enabled: true",
-            "  maintenance:",
-            "    uploadpurging:",
-            "      enabled: false",
-            "http:",
-            f"  addr: {q(self.host)}",
-            "  secret: pynydus-test-secret",
-            "  headers:",
-            "    X-Content-Type-Options: [nosniff]",
-        ]
-        if self.htpasswd:
-            cfg += ["auth:", "  htpasswd:", "    realm: pynydus-test", f"    path: {q(str(self.htpasswd))}"]
-        self.config_path.write_text("\n".join(cfg) + "\n")
-
-    def start(self, timeout: float = 15.0) -> "Registry":
-        if self.proc and self.proc.poll() is None:
-            return self
-        if not os.path.exists(REGISTRY_BIN):
-            raise RuntimeError(f"{REGISTRY_BIN} missing (apt-get install docker-registry)")
-        for attempt in range(3):
-            self._write_config()
-            out = open(self.access_log_path, "ab")
-            err = open(self.app_log_path, "ab")
-            try:
-                self.proc = subprocess.Popen([REGISTRY_BIN, "serve", str(self.config_path)], stdout=out, stderr=err,
-                                             stdin=subprocess.DEVNULL, start_new_session=True,
-                                             preexec_fn=_die_with_parent)
-            finally:
-                out.close()
-                err.close()
-            if self._wait_ready(timeout):
-                return self
-            self.stop()
-            if "address already in use" in self.app_log_path.read_text(errors="replace") and attempt < 2:
-                self.port = free_port()
-                continue
-            break
-        tail = self.app_log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"docker-registry did not come up on {self.host}:\n{tail}")
-
-    def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                r = requests.get(f"{self.url}/v2/", timeout=1)
-                if r.status_code in (200, 401):
-                    return True
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
-        return False
-
-    def stop(self) -> None:
-        p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        p.terminate()
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=5)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    # -- access log
-    def access_log(self, since: int = 0, settle: float = 0.1) -> list[AccessLogEntry]:
-        """Parsed access-log entries (from entry number ``since``).
-
-        The registry writes a line after it finished the response, so a client
-        can see the last byte before the line exists: wait until the log has
-        been quiet for ``settle`` seconds (at most 2 s).
-        """
-        deadline = time.monotonic() + 2.0
-        last = -1
-        while True:
-            size = self.access_log_path.stat().st_size if self.access_log_path.exists() else 0
-            if size == last or time.monotonic() > deadline:
-                break
-            last = size
-            time.sleep(settle)
-        text = self.access_log_path.read_text(errors="replace") if self.access_log_path.exists() else ""
-        return parse_access_log(text)[since:]
-
-    def mark(self) -> int:
-        """Number of entries so far; pass as ``since=`` to see only what follows."""
-        return len(self.access_log())
-
-    def blob_gets(self, since: int = 0, digest: str | None = None) -> list[AccessLogEntry]:
-        return [e for e in self.access_log(since) if e.is_blob_get and (digest is None or e.digest == digest)]
-
-    # -- storage (for tampering tests)
-    def blob_data_path(self, digest: str) -> Path:
-        hexd = digest.split(":", 1)[1]
-        return self.storage_dir / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
-
-    def __enter__(self) -> "Registry":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-@contextmanager
-def run_registry(tmpdir: str | os.PathLike, *, htpasswd: str | os.PathLike | Mapping[str, str] | None = None
-                 ) -> Iterator[Registry]:
-    """Start a real registry under ``tmpdir``; always stopped on exit."""
-    reg = Registry(tmpdir, htpasswd=htpasswd)
-    try:
-        reg.start()
-        yield reg
-    finally:
-        reg.stop()
 
 
 def skopeo_copy(src: str, dst: str, *, all_images: bool = False, preserve_digests: bool = True,

@@ -1,0 +1,142 @@
+"""`nydusify mount | umount | stats`: a converted image, lazily, at a mountpoint.
+
+    nydusify mount REF MOUNTPOINT [--mode auto|fuse|erofs] [--cache-dir DIR] [--prefetch-all]
+                   [--plain-http] [--platform P] [--daemon [--pid-file F]]
+    nydusify umount MOUNTPOINT
+    nydusify stats MOUNTPOINT [--json]
+
+REF is a registry reference (blobs are read with HTTP Range requests, same
+auth as convert) or `oci:DIR[:TAG]` (blobs read from the layout). The mount
+is up once the bootstrap is fetched; chunks are fetched, verified and cached
+in --cache-dir when read. The daemon itself is `rafs.daemon.MountDaemon`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from rafs.api import ApiClient
+from rafs.daemon import (MODES, MOUNT_CACHE_OPTIONS, MountConfig, MountDaemon, request_umount, spawn_daemon,
+                         state_paths)
+from rafs.errors import RafsError
+from rafs.storage.backend import LocalFsBackend
+from rafs.storage.factory import BackendConfig, CacheConfig, build_backend, build_cache_manager
+
+from .nydus_image import load_from_store
+from .refs import parse_ref
+from .store import open_store
+
+DEFAULT_CACHE_DIR = "/var/lib/pynydus/cache"
+
+
+def add_parsers(sub, common) -> None:
+    m = sub.add_parser("mount", help="mount a converted image lazily at MOUNTPOINT")
+    m.add_argument("ref", help="HOST/REPO:TAG or oci:DIR[:TAG] of a converted image")
+    m.add_argument("mountpoint")
+    m.add_argument("--mode", choices=MODES, default="auto",
+                   help="erofs: kernel EROFS over FUSE blob files; fuse: all in FUSE; "
+                        "auto (default): erofs where the kernel supports it")
+    m.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help=f"blob cache (default {DEFAULT_CACHE_DIR})")
+    m.add_argument("--prefetch-all", action="store_true", help="fetch whole blobs in the background")
+    m.add_argument("--daemon", action="store_true", help="detach; return once the mount is ready")
+    m.add_argument("--pid-file", help="write the daemon's pid here")
+    m.add_argument("--run-dir", help="state directory root (default $PYNYDUS_RUN_DIR or /run/pynydus)")
+    common(m)
+
+    u = sub.add_parser("umount", help="unmount MOUNTPOINT and stop its daemon (or clear a stale mount)")
+    u.add_argument("mountpoint")
+    u.add_argument("--run-dir", help="state directory root")
+
+    s = sub.add_parser("stats", help="what the daemon of MOUNTPOINT fetched, cached and served")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--run-dir", help="state directory root")
+
+
+def open_image(ref: str, *, plain_http: bool = False, platform: str | None = None):
+    """(raw bootstrap, blob backend, description) of a converted image reference."""
+    r = parse_ref(ref)
+    with open_store(r, plain_http=plain_http) as store:
+        image = load_from_store(store, platform)
+        if r.kind == "oci":
+            backend = LocalFsBackend(r.path)
+        else:
+            backend = build_backend(BackendConfig(kind="registry", host=store.client.host,
+                                                  repo=store.client.repo, plain_http=plain_http))
+    desc = {"ref": str(r), "backend": backend.name}
+    return image.raw_bootstrap, backend, desc
+
+
+def _mount(args) -> int:
+    paths = state_paths(args.mountpoint, args.run_dir)
+    notify = None
+    if args.daemon:
+        pid, result = spawn_daemon(paths.log)
+        if pid is not None:                       # the parent: report and return
+            ok, message = result
+            print(message, flush=True)
+            return 0 if ok else 1
+        notify = result
+    try:
+        raw, backend, desc = open_image(args.ref, plain_http=args.plain_http, platform=args.platform)
+        caches = build_cache_manager(CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS), backend)
+        desc["cache_dir"] = os.path.abspath(args.cache_dir)
+        try:
+            daemon = MountDaemon(raw, caches, MountConfig(
+                mountpoint=args.mountpoint, mode=args.mode, prefetch_all=args.prefetch_all,
+                run_dir=args.run_dir, pid_file=args.pid_file, description=desc))
+        except BaseException:
+            caches.close()
+            raise
+        mode = daemon.start()
+    except BaseException as e:
+        if notify:
+            notify(False, f"nydusify mount: error: {e}")
+        raise
+    message = (f"mounted {desc['ref']} at {daemon.mountpoint}: mode {mode} ({daemon.mode_reason}); "
+               f"pid {os.getpid()}, stats: nydusify stats {daemon.mountpoint}")
+    print(message, flush=True)
+    if notify:
+        notify(True, message)
+    why = daemon.run()
+    print(f"unmounted {daemon.mountpoint}: {why}", flush=True)
+    return 0
+
+
+def _umount(args) -> int:
+    print(request_umount(args.mountpoint, run_dir_override=args.run_dir))
+    return 0
+
+
+def _stats(args) -> int:
+    paths = state_paths(args.mountpoint, args.run_dir)
+    if not os.path.exists(paths.api_sock):
+        raise RafsError(f"no pynydus daemon serves {args.mountpoint} (no {paths.api_sock})")
+    st = ApiClient(paths.api_sock).stats()
+    print(json.dumps(st, indent=2, sort_keys=True) if args.json else render_stats(st))
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def render_stats(st: dict) -> str:
+    lat = st.get("fetch_latency_ms", {})
+    cache = st.get("cache", {})
+    return "\n".join([
+        f"mountpoint  {st['mountpoint']}  ({st['mode']} mode, pid {st['pid']}, up {st['uptime_s']:.1f} s)",
+        f"image       {st.get('ref', '?')}  ({st['blobs']} blobs, {_mb(st['image_bytes'])} compressed)",
+        f"fetched     {_mb(st['bytes_fetched'])} of chunks in {st['requests']} requests "
+        f"({st['request_errors']} failed), {_mb(st.get('backend_bytes', 0))} from the backend in all "
+        f"(TOCs too); prefetch {_mb(st['prefetch_bytes'])} ({st['prefetch']})",
+        f"chunks      {st['chunks_hit']} hit, {st['chunks_missed']} missed, {st['chunks_fetched']} "
+        f"fetched, {st['verify_failures']} failed verification",
+        f"latency     p50 {lat.get('p50', 0)} ms, p90 {lat.get('p90', 0)} ms, p99 {lat.get('p99', 0)} ms, "
+        f"max {lat.get('max', 0)} ms ({lat.get('count', 0)} fetches)",
+        f"cache       {_mb(cache.get('disk_bytes', 0))} on disk, {cache.get('chunks_ready', 0)}/"
+        f"{cache.get('chunks_total', 0)} chunks of open blobs ready; served {_mb(st['bytes_read'])}",
+    ])
+
+
+COMMANDS = {"mount": _mount, "umount": _umount, "stats": _stats}
