@@ -22,6 +22,8 @@ from rafs.errors import RafsError
 from rafs.storage.backend import LocalFsBackend
 from rafs.storage.factory import BackendConfig, CacheConfig, build_backend, build_cache_manager
 
+from p2p.cli import add_mount_options as add_p2p_options, mount_config as p2p_mount_config
+
 from .nydus_image import load_from_store
 from .refs import parse_ref
 from .store import open_store
@@ -41,6 +43,7 @@ def add_parsers(sub, common) -> None:
     m.add_argument("--daemon", action="store_true", help="detach; return once the mount is ready")
     m.add_argument("--pid-file", help="write the daemon's pid here")
     m.add_argument("--run-dir", help="state directory root (default $PYNYDUS_RUN_DIR or /run/pynydus)")
+    add_p2p_options(m)
     common(m)
 
     u = sub.add_parser("umount", help="unmount MOUNTPOINT and stop its daemon (or clear a stale mount)")
@@ -67,6 +70,16 @@ def open_image(ref: str, *, plain_http: bool = False, platform: str | None = Non
     return image.raw_bootstrap, backend, desc
 
 
+def _cache_manager(args, backend):
+    """The blob caches of a mount: straight to `backend`, or peers first when P2P options are given."""
+    cache_cfg = CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS)
+    p2p_cfg = p2p_mount_config(args)
+    if p2p_cfg is None:
+        return build_cache_manager(cache_cfg, backend)
+    from p2p.service import p2p_cache_manager
+    return p2p_cache_manager(backend, cache_cfg, p2p_cfg)
+
+
 def _mount(args) -> int:
     paths = state_paths(args.mountpoint, args.run_dir)
     notify = None
@@ -79,7 +92,7 @@ def _mount(args) -> int:
         notify = result
     try:
         raw, backend, desc = open_image(args.ref, plain_http=args.plain_http, platform=args.platform)
-        caches = build_cache_manager(CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS), backend)
+        caches = _cache_manager(args, backend)
         desc["cache_dir"] = os.path.abspath(args.cache_dir)
         try:
             daemon = MountDaemon(raw, caches, MountConfig(

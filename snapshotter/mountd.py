@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         import logging
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from converter.refs import parse_ref
+        from rafs.daemon import MOUNT_CACHE_OPTIONS
         from rafs.storage.factory import BackendConfig, CacheConfig, build_backend, build_cache_manager
         ref = parse_ref(args.ref)
         host, repo = ref.host, ref.repo
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = build_backend(BackendConfig(kind="registry", host=host, repo=repo, plain_http=args.plain_http,
                                               docker_config_dir=args.docker_config))
         os.makedirs(args.cache_dir, mode=0o700, exist_ok=True)
-        caches = build_cache_manager(CacheConfig(dir=args.cache_dir, readahead=False), backend)
+        caches = build_cache_manager(CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS), backend)
         desc = {"ref": args.ref, "backend": backend.name, "cache_dir": os.path.abspath(args.cache_dir),
                 "bootstrap": os.path.abspath(args.bootstrap), **json.loads(args.description)}
         try:
