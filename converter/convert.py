@@ -175,7 +175,7 @@ def _bootstrap_layer(boot_path: str, out_path: str) -> tuple[str, str]:
             diff.update(b)
             return self.gz.write(b)
 
-    with open(out_path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+    with open(out_path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=6) as gz:
         with tarfile.open(fileobj=_Tee(gz), mode="w|", format=tarfile.PAX_FORMAT) as tf:
             for d in ("image",):
                 ti = tarfile.TarInfo(d)

@@ -16,8 +16,11 @@ import hashlib
 import io
 import os
 import posixpath
+import queue
 import stat
 import tarfile
+import threading
+import zlib
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import BinaryIO, Protocol
@@ -58,10 +61,74 @@ def open_decompressed(raw: BinaryIO) -> BinaryIO:
     """Wrap a layer stream by its magic: gzip, zstd or a plain tar."""
     head = _peek(raw, 4)
     if head[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return _Gunzip(raw)
     if head == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=_READ_BLOCK, read_across_frames=True)
     return raw
+
+
+class _Gunzip(io.RawIOBase):
+    """A gzip stream, like GzipFile reads it (members back to back, zero padding
+    between and after them), but decompressed a large block per zlib call.
+
+    Each zlib call releases the GIL once; GzipFile feeds zlib 8 KiB at a time, so
+    a thread decompressing with it starves behind a busy Python thread. zlib checks
+    every member's header, CRC-32 and length; any damage is a `gzip.BadGzipFile`
+    (an OSError), a cut stream an EOFError.
+    """
+
+    def __init__(self, raw: BinaryIO):
+        super().__init__()
+        self._raw = raw
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._in = b""              # compressed bytes not given to zlib yet
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = _READ_BLOCK
+        while n and not self._eof:
+            if self._z.eof:
+                self._next_member()
+                continue
+            if not self._in:
+                self._in = self._raw.read(_READ_BLOCK)
+                if not self._in:
+                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+            try:
+                out = self._z.decompress(self._in, n)
+            except zlib.error as e:
+                what = "CRC check failed" if "incorrect data check" in str(e) else "corrupt gzip data"
+                raise gzip.BadGzipFile(f"{what} ({e})") from None
+            # at a member's end what follows is in unused_data (3.11 leaves a copy in unconsumed_tail)
+            self._in = b"" if self._z.eof else self._z.unconsumed_tail
+            if out:
+                return out
+        return b""
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def _next_member(self) -> None:
+        rest = self._z.unused_data + self._in
+        while len(rest.lstrip(b"\x00")) < 2:
+            more = self._raw.read(_READ_BLOCK)
+            if not more:
+                if rest.lstrip(b"\x00"):
+                    raise gzip.BadGzipFile(f"trailing garbage after the gzip data: {rest.lstrip(bytes(1))!r}")
+                self._eof = True
+                return
+            rest = rest.lstrip(b"\x00") + more
+        rest = rest.lstrip(b"\x00")
+        if rest[:2] != b"\x1f\x8b":
+            raise gzip.BadGzipFile(f"trailing garbage after the gzip data: {rest[:8]!r}")
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._in = rest
 
 
 def buffered(raw: BinaryIO, on_read=None) -> io.BufferedReader:
@@ -138,11 +205,11 @@ class LayerReader:
         self.seen = set() if seen is None else seen   # digests already given to the sink
         self.tree = LayerTree()
         self.progress = progress
-        self._zero = bytes(chunk_size)
+        self._zero = memoryview(bytes(chunk_size))   # sliced without copying
 
     def read(self, raw: BinaryIO, diff_id: str | None = None) -> LayerTree:
         """Reads the whole stream; `diff_id` (sha256 of the plain tar) is checked when given."""
-        stream = _HashingReader(open_decompressed(raw))
+        stream = _ReadAhead(open_decompressed(raw))
         try:
             with tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape") as tf:
                 for ti in tf:
@@ -152,6 +219,8 @@ class LayerReader:
                 pass
         except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as e:
             raise LayerError(f"{self.name}: unreadable layer ({type(e).__name__}: {e})") from e
+        finally:
+            stream.close()          # stops and joins the helper before the caller touches `raw` again
         if diff_id and diff_id != "sha256:" + stream.sha256.hexdigest():
             raise LayerError(f"{self.name}: uncompressed content does not match diff_id {diff_id}")
         return self.tree
@@ -254,25 +323,75 @@ class LayerReader:
         return chunks
 
 
-class _HashingReader(io.RawIOBase):
-    """sha256 of everything read through it (the layer's diff_id)."""
+class _ReadAhead(io.RawIOBase):
+    """Reads `inner` (the decompressing stream) in a helper thread, a few blocks ahead,
+    and hashes what it read: the layer's diff_id, in `sha256` once EOF was read.
 
-    def __init__(self, inner: BinaryIO):
-        self.inner = inner
+    zlib, zstd and sha256 release the GIL, so decompressing and hashing overlap
+    with the tar parsing in the calling thread. An error of the helper is raised
+    by the next read. `close()` stops and joins the helper.
+    """
+
+    def __init__(self, inner: BinaryIO, block: int = _READ_BLOCK, depth: int = 4):
+        super().__init__()
         self.sha256 = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._buf = memoryview(b"")
+        self._end: BaseException | bool = False       # True at EOF, or the helper's error
+        self._thread = threading.Thread(target=self._run, args=(inner, block), name="layer-read", daemon=True)
+        self._thread.start()
+
+    def _run(self, inner: BinaryIO, block: int) -> None:
+        try:
+            while not self._stop.is_set():
+                data = inner.read(block)
+                self.sha256.update(data)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as e:      # handed to the reader, which raises it
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def readable(self) -> bool:
         return True
 
     def read(self, n: int = -1) -> bytes:
-        data = self.inner.read(n)
-        self.sha256.update(data)
-        return data
+        if n is None or n < 0:
+            return b"".join(iter(lambda: self.read(_READ_BLOCK), b""))
+        while not self._buf and n:
+            if self._end is True:
+                return b""
+            if self._end:
+                raise self._end
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._end = item
+            elif not item:
+                self._end = True
+            else:
+                self._buf = memoryview(item)
+        out = bytes(self._buf[:n])
+        self._buf = self._buf[n:]
+        return out
 
     def readinto(self, b) -> int:
         data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        super().close()
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:

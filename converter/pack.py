@@ -17,7 +17,9 @@ from rafs import blob as rblob
 from rafs.bootstrap import BlobInfo
 from rafs.tree import Inode, walk
 
-_MAX_IN_FLIGHT = 8   # chunks being compressed per layer: bounds memory to ~8 chunks
+_MAX_IN_FLIGHT = 8          # batches being compressed per layer
+_BATCH_BYTES = 1 << 20      # small chunks go to the pool together: one hand-off per ~1 MiB, not per chunk
+# Memory per layer stays bounded by ~8 batches of ~1 MiB (or of one chunk, if chunks are larger).
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,10 @@ class StagedChunk:
     offset: int          # in the staging file
     size: int
     flags: int
+
+
+def _prepare_batch(batch: list[tuple[bytes, bytes]], compressor: str) -> list[rblob.PreparedChunk]:
+    return [rblob.prepare_chunk(data, compressor, chunk_digest=digest) for data, digest in batch]
 
 
 class ChunkStage:
@@ -39,20 +45,31 @@ class ChunkStage:
         self.chunks: list[StagedChunk] = []
         self._file = open(path, "wb")
         self._pending: collections.deque = collections.deque()
+        self._batch: list[tuple[bytes, bytes]] = []
+        self._batch_bytes = 0
 
     def add(self, data: bytes, digest: bytes) -> None:
-        self._pending.append(self.pool.submit(rblob.prepare_chunk, data, self.compressor, chunk_digest=digest))
+        self._batch.append((data, digest))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= _BATCH_BYTES:
+            self._submit()
+
+    def _submit(self) -> None:
+        if self._batch:
+            self._pending.append(self.pool.submit(_prepare_batch, self._batch, self.compressor))
+            self._batch, self._batch_bytes = [], 0
         if len(self._pending) >= _MAX_IN_FLIGHT:
             self._drain_one()
 
     def _drain_one(self) -> None:
-        chunk = self._pending.popleft().result()
-        offset = self._file.tell()
-        self._file.write(chunk.payload)
-        self.chunks.append(StagedChunk(chunk.digest, chunk.plain_size, offset, len(chunk.payload), chunk.flags))
+        for chunk in self._pending.popleft().result():
+            offset = self._file.tell()
+            self._file.write(chunk.payload)
+            self.chunks.append(StagedChunk(chunk.digest, chunk.plain_size, offset, len(chunk.payload), chunk.flags))
 
     def close(self) -> None:
         try:
+            self._submit()
             while self._pending:
                 self._drain_one()
         finally:

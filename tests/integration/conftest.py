@@ -80,6 +80,26 @@ def blob_path(layout: str | os.PathLike, digest: str) -> Path:
     return Path(layout) / "blobs" / "sha256" / digest.split(":", 1)[1]
 
 
+def replace_layer_blob(image: im.ImageInfo, index: int, data: bytes) -> str:
+    """Store `data` as layer `index`'s blob of single-manifest `image` and re-point its manifest
+    and tag at it (the diff_id stays); returns the new layer digest."""
+    import json
+    layout = image.layout
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blob_path(layout, digest).write_bytes(data)
+    manifest = json.loads(blob_path(layout, image.manifest.digest).read_bytes())
+    manifest["layers"][index].update(digest=digest, size=len(data))
+    raw = json.dumps(manifest).encode()
+    mdigest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    blob_path(layout, mdigest).write_bytes(raw)
+    idx = json.loads((layout / "index.json").read_text())
+    for m in idx["manifests"]:
+        if m.get("annotations", {}).get(im.REF_NAME) == image.tag:
+            m["digest"], m["size"] = mdigest, len(raw)
+    (layout / "index.json").write_text(json.dumps(idx))
+    return digest
+
+
 def oci_path(ref: str) -> Path:
     """oci:DIR[:TAG] -> DIR."""
     rest = ref[len("oci:"):]

@@ -17,9 +17,8 @@ from rafs import blob as rblob
 from rafs.errors import FormatError, IntegrityError
 from tests.helpers import images as im
 from tests.helpers import trees as tr
-from tests.helpers.registry import skopeo_copy
 
-from .conftest import blob_path, layout_tags, nydusify, reader_tree
+from .conftest import blob_path, layout_tags, nydusify, reader_tree, replace_layer_blob
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -56,6 +55,20 @@ def test_bad_layer_is_rejected_without_a_tag(case, bad_sources, tmp_path):
         assert fragment in r.stderr, r.stderr
     assert layout_tags(target) == []
     assert not any((target / "blobs" / "sha256").iterdir()), "a failed conversion uploaded blobs"
+
+
+def test_damaged_deflate_data_is_rejected(tmp_path):
+    """A bit flip in the deflate block headers (not caught by the CRC but by inflate itself)."""
+    src = im.build_oci_layout(tmp_path / "src", "t", MALICIOUS["corrupt_gzip"][:1] +
+                              [im.Layer(MALICIOUS["corrupt_gzip"][1].entries)])
+    data = bytearray(blob_path(src.layout, src.manifest.layers[1].digest).read_bytes())
+    data[20] ^= 0xFF
+    digest = replace_layer_blob(src, 1, bytes(data))
+    target = tmp_path / "target"
+    r = nydusify("convert", "--source", src.ref, "--target", f"oci:{target}:nydus", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"layer 1 ({digest}): unreadable layer (BadGzipFile: corrupt gzip data" in r.stderr, r.stderr
+    assert layout_tags(target) == []
 
 
 def test_missing_blob_is_named(workdir, tmp_path):

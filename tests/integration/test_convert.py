@@ -15,9 +15,6 @@ import io
 import json
 import os
 import shutil
-import stat
-import struct
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -31,7 +28,7 @@ from rafs.errors import IntegrityError
 from tests.helpers import images as im
 from tests.helpers import trees as tr
 
-from .conftest import (AWKWARD_CHUNK, KiB, MiB, blob_path, nydusify, reader_tree, run)
+from .conftest import (AWKWARD_CHUNK, KiB, MiB, blob_path, nydusify, reader_tree, replace_layer_blob, run)
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
               pytest.mark.skipif(shutil.which("umoci") is None, reason="needs umoci")]
@@ -161,6 +158,19 @@ def test_small_images_match_umoci(case, workdir, kernel_mount, tmp_path):
     mnt = kernel_mount(tmp_path / "export" / "image.boot", devices)
     tr.assert_trees_equal(expected, tr.snapshot_tree(mnt), **tr.UMOCI_DIFF_OPTIONS)
     nydusify("check", "--source", src.ref, "--target", target, check=True)
+
+
+def test_multi_member_gzip_layer(workdir, tmp_path):
+    """A layer blob of several gzip members back to back (pigz -i, appended streams) is one tar."""
+    layers = [[D("etc"), F("etc/a", im.random(300 * KiB, seed=41)), F("etc/b", b"b\n" * 1000)]]
+    src = im.build_oci_layout(tmp_path / "src", "multi", layers)
+    tar = gzip.decompress(blob_path(src.layout, src.manifest.layers[0].digest).read_bytes())
+    cut = len(tar) // 3
+    replace_layer_blob(src, 0, gzip.compress(tar[:cut], mtime=0) + gzip.compress(tar[cut:], mtime=0))
+    expected = tr.snapshot_tree(tr.umoci_unpack(src.layout, "multi", tmp_path / "bundle"))
+    target = f"oci:{tmp_path / 'nydus'}:nydus"
+    nydusify("convert", "--source", src.ref, "--target", target, check=True)
+    tr.assert_trees_equal(expected, reader_tree(target), **tr.UMOCI_DIFF_OPTIONS)
 
 
 def test_busybox_runs_from_kernel_mount(busybox_image, convert_once, workdir, kernel_mount):

@@ -21,7 +21,7 @@ from tests.helpers import images as im
 from tests.helpers import trees as tr
 from tests.helpers.registry import skopeo_copy
 
-from .conftest import KiB, exported_devices, nydusify, reader_tree, run
+from .conftest import KiB, exported_devices, nydusify, reader_tree
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
               pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo")]
