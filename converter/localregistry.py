@@ -208,14 +208,7 @@ class Registry:
 
     def stop(self) -> None:
         p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        p.terminate()
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=5)
+        stop_process(p)
 
     @property
     def running(self) -> bool:
@@ -291,3 +284,15 @@ def push_image(source: str, target: str, *, plain_http: bool = True) -> str:
                 dst.put_bytes(blob["digest"], src.get_bytes(blob["digest"]))
         dst.tag(raw, desc.media_type)
         return desc.digest
+
+
+def stop_process(p: subprocess.Popen | None, timeout: float = 5) -> None:
+    """Terminate a child we started (by its pid, never by name), killing it if it lingers."""
+    if p is None or p.poll() is not None:
+        return
+    p.terminate()
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(timeout=timeout)

@@ -25,19 +25,9 @@ class ChunkRef:
     offset: int = -1
 
 
-@dataclass(eq=False)
-class Inode:
-    mode: int                       # full st_mode: type bits | permission bits (incl. suid/sgid/sticky)
-    uid: int = 0
-    gid: int = 0
-    mtime: int = 0                  # seconds since the epoch
-    mtime_nsec: int = 0
-    size: int = 0                   # regular files; symlinks: len(symlink); dirs: computed by the writer
-    rdev: int = 0                   # char/block devices: os.makedev(major, minor)
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)   # full names, e.g. b"user.foo"
-    symlink: bytes = b""            # symlink target
-    chunks: list[ChunkRef | None] = field(default_factory=list)  # regular files; None = hole (zeros)
-    entries: dict[bytes, "Inode"] = field(default_factory=dict)  # directories
+class FileKind:
+    """Type predicates over `self.mode`, shared by the tree model and the EROFS reader's inodes."""
+    mode: int
 
     @property
     def kind(self) -> int:
@@ -51,6 +41,21 @@ class Inode:
 
     def is_symlink(self) -> bool:
         return stat.S_ISLNK(self.mode)
+
+
+@dataclass(eq=False)
+class Inode(FileKind):
+    mode: int                       # full st_mode: type bits | permission bits (incl. suid/sgid/sticky)
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0                  # seconds since the epoch
+    mtime_nsec: int = 0
+    size: int = 0                   # regular files; symlinks: len(symlink); dirs: computed by the writer
+    rdev: int = 0                   # char/block devices: os.makedev(major, minor)
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)   # full names, e.g. b"user.foo"
+    symlink: bytes = b""            # symlink target
+    chunks: list[ChunkRef | None] = field(default_factory=list)  # regular files; None = hole (zeros)
+    entries: dict[bytes, "Inode"] = field(default_factory=dict)  # directories
 
 
 def new_dir(mode: int = 0o755, **attrs) -> Inode:

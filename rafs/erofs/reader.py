@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import FormatError
+from ..tree import FileKind
 from . import layout as L
 
 _SUPPORTED_INCOMPAT = (L.FEATURE_INCOMPAT_ZERO_PADDING | L.FEATURE_INCOMPAT_COMPR_CFGS
@@ -26,7 +27,7 @@ _CACHE_MAX = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
-class InodeInfo:
+class InodeInfo(FileKind):
     nid: int
     mode: int           # full st_mode
     uid: int
@@ -47,19 +48,6 @@ class InodeInfo:
     @property
     def chunk_size(self) -> int:
         return 1 << self.chunkbits if self.datalayout == L.CHUNK_BASED else 0
-
-    @property
-    def kind(self) -> int:
-        return stat.S_IFMT(self.mode)
-
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    def is_symlink(self) -> bool:
-        return stat.S_ISLNK(self.mode)
 
 
 class ErofsImage:

@@ -32,6 +32,7 @@ from typing import Iterator
 
 import requests
 
+from converter.localregistry import stop_process
 from tests.helpers.registry import free_port
 
 NGINX_BIN = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -174,14 +175,7 @@ http {{
 
     def stop(self) -> None:
         p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        p.terminate()
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=5)
+        stop_process(p)
 
     def access_log(self) -> list[NginxLogEntry]:
         if not self.access_log_path.exists():
