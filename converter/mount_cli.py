@@ -20,9 +20,9 @@ from rafs.daemon import (MODES, MOUNT_CACHE_OPTIONS, MountConfig, MountDaemon, r
                          state_paths)
 from rafs.errors import RafsError
 from rafs.storage.backend import LocalFsBackend
-from rafs.storage.factory import BackendConfig, CacheConfig, build_backend, build_cache_manager
+from rafs.storage.factory import BackendConfig, CacheConfig, build_backend
 
-from p2p.cli import add_mount_options as add_p2p_options, mount_config as p2p_mount_config
+from p2p.cli import add_mount_options as add_p2p_options, mount_caches
 
 from .nydus_image import load_from_store
 from .refs import parse_ref
@@ -70,16 +70,6 @@ def open_image(ref: str, *, plain_http: bool = False, platform: str | None = Non
     return image.raw_bootstrap, backend, desc
 
 
-def _cache_manager(args, backend):
-    """The blob caches of a mount: straight to `backend`, or peers first when P2P options are given."""
-    cache_cfg = CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS)
-    p2p_cfg = p2p_mount_config(args)
-    if p2p_cfg is None:
-        return build_cache_manager(cache_cfg, backend)
-    from p2p.service import p2p_cache_manager
-    return p2p_cache_manager(backend, cache_cfg, p2p_cfg)
-
-
 def _mount(args) -> int:
     paths = state_paths(args.mountpoint, args.run_dir)
     notify = None
@@ -92,7 +82,7 @@ def _mount(args) -> int:
         notify = result
     try:
         raw, backend, desc = open_image(args.ref, plain_http=args.plain_http, platform=args.platform)
-        caches = _cache_manager(args, backend)
+        caches = mount_caches(backend, CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS), args)
         desc["cache_dir"] = os.path.abspath(args.cache_dir)
         try:
             daemon = MountDaemon(raw, caches, MountConfig(

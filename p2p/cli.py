@@ -55,6 +55,16 @@ def mount_config(args) -> P2PConfig | None:
                      upload_rate=args.p2p_upload_rate, **kw)
 
 
+def mount_caches(backend, cache_cfg, args):
+    """A mount daemon's blob caches: straight to `backend`, or peers first when `args` asks for P2P."""
+    p2p_cfg = mount_config(args)
+    if p2p_cfg is None:
+        from rafs.storage.factory import build_cache_manager
+        return build_cache_manager(cache_cfg, backend)
+    from .service import p2p_cache_manager
+    return p2p_cache_manager(backend, cache_cfg, p2p_cfg)
+
+
 # --------------------------------------------------------------------------- nydus-peer
 
 

@@ -19,6 +19,12 @@
     plain_http = []                       # registries spoken to over http ("127.0.0.1:5000"); true = all
     docker_config = ""                    # credentials file (default ~/.docker/config.json)
 
+    [p2p]                                 # share verified chunks with other nodes (README, P2P)
+    listen_host = ""                      # e.g. "10.0.0.5": each image's daemon serves on a free port there
+    tracker = ""                          # "HOST:PORT" of a `nydus-peer tracker`, or
+    peers = []                            # a static list of peer "HOST:PORT"
+    upload_rate = 0                       # bytes/s cap per daemon; 0 = none
+
 Lazy mounts are per image (one mount daemon per bootstrap snapshot), all sharing
 the one blob cache.
 """
@@ -61,12 +67,34 @@ class BackendConfig:
 
 
 @dataclass
+class P2PConfig:
+    listen_host: str = ""
+    tracker: str = ""
+    peers: list[str] = field(default_factory=list)
+    upload_rate: float = 0
+
+    def daemon_args(self) -> list[str]:
+        """`nydusify mount`-style P2P options for one mount daemon; [] when P2P is off."""
+        if not self.listen_host:
+            return []
+        args = ["--p2p-listen", f"{self.listen_host}:0", "--p2p-advertise", self.listen_host]
+        if self.tracker:
+            args += ["--p2p-tracker", self.tracker]
+        if self.peers:
+            args += ["--p2p-peers", ",".join(self.peers)]
+        if self.upload_rate:
+            args += ["--p2p-upload-rate", str(self.upload_rate)]
+        return args
+
+
+@dataclass
 class Config:
     root: str = DEFAULT_ROOT
     address: str = DEFAULT_ADDRESS
     log_level: str = "info"
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    p2p: P2PConfig = field(default_factory=P2PConfig)
 
     @property
     def cache_dir(self) -> str:

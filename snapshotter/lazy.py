@@ -191,6 +191,7 @@ class RafsMounts:
             cmd.append("--plain-http")
         if self.cfg.daemon.prefetch:
             cmd.append("--prefetch-all")
+        cmd += self.cfg.p2p.daemon_args()
         if self.cfg.backend.docker_config:
             cmd += ["--docker-config", os.path.dirname(os.path.abspath(self.cfg.backend.docker_config))]
         t0 = time.monotonic()

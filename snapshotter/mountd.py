@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+from p2p.cli import add_mount_options as add_p2p_options, mount_caches
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m snapshotter.mountd")
@@ -32,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch-all", action="store_true")
     p.add_argument("--docker-config", default=None, help="dir holding config.json (registry credentials)")
     p.add_argument("--description", default="{}", help="JSON shown by the daemon's stats API")
+    add_p2p_options(p)
     return p
 
 
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from converter.refs import parse_ref
         from rafs.daemon import MOUNT_CACHE_OPTIONS
-        from rafs.storage.factory import BackendConfig, CacheConfig, build_backend, build_cache_manager
+        from rafs.storage.factory import BackendConfig, CacheConfig, build_backend
         ref = parse_ref(args.ref)
         host, repo = ref.host, ref.repo
         if host in ("docker.io", "index.docker.io"):
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = build_backend(BackendConfig(kind="registry", host=host, repo=repo, plain_http=args.plain_http,
                                               docker_config_dir=args.docker_config))
         os.makedirs(args.cache_dir, mode=0o700, exist_ok=True)
-        caches = build_cache_manager(CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS), backend)
+        caches = mount_caches(backend, CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS), args)
         desc = {"ref": args.ref, "backend": backend.name, "cache_dir": os.path.abspath(args.cache_dir),
                 "bootstrap": os.path.abspath(args.bootstrap), **json.loads(args.description)}
         try:
