@@ -39,7 +39,6 @@ class RafsFs:
         self.caches = caches
         self.blobs: list[BlobInfo] = bootstrap.meta.blobs
         self._paths: dict[bytes, int] = {b"/": bootstrap.root_nid}
-        self._open_lock = threading.Lock()
         self._blob_caches: list = [None] * len(self.blobs)
         self.counters = ReadCounters()
         self.readahead = Readahead()
@@ -101,10 +100,9 @@ class RafsFs:
         """The BlobCache of blob `index`, opened on first use (its TOC is fetched then, if not cached)."""
         c = self._blob_caches[index]
         if c is None:
-            with self._open_lock:
-                c = self._blob_caches[index]
-                if c is None:
-                    c = self._blob_caches[index] = self.caches.open(self.blobs[index])
+            # No lock here: CacheManager.open gives concurrent openers of one blob the same cache,
+            # and opening blob B never waits for blob A's TOC fetch.
+            c = self._blob_caches[index] = self.caches.open(self.blobs[index])
         return c
 
     def read_blob(self, index: int, offset: int, size: int) -> bytes:

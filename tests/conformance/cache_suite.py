@@ -400,6 +400,43 @@ class CacheConformance:
             assert fut.result(timeout=20) >= len(blob.entries) - 4
             assert c.usage()["complete"]
 
+    def test_urgent_prefetch_jumps_ahead_of_a_running_prefetch_all(self, cache_env: CacheEnv):
+        blob = cache_env.blob
+        cache_env.spy.delay = 0.05                      # every request takes >= 50 ms
+        with cache_env.open(merge_size=64 << 10) as c:
+            cache_env.spy.reset()                       # (the TOC read covers the last chunks)
+            fut = c.prefetch_all()                      # ~40 requests, one at a time, ~2 s
+            time.sleep(0.12)
+            k = len(blob.entries) - 2                   # near the end: prefetch_all gets there last
+            e = blob.entries[k]
+            t0 = time.monotonic()
+            urgent = c.prefetch([(e.uncompressed_offset, e.uncompressed_size)], low_priority=False)
+            assert urgent.result(timeout=20) == 1
+            took = time.monotonic() - t0
+            assert not fut.done(), "prefetch_all finished too early to test priority"
+            # at most the one background request in progress (50 ms) ahead of ours (50 ms)
+            assert took < 0.4, f"urgent prefetch took {took:.3f}s behind prefetch_all"
+            assert c.chunk_ready(k)
+            assert fut.result(timeout=20) == len(blob.entries) - 1   # k is not fetched again
+            assert cache_env.fetch_counts()[k] == 1
+            assert c.usage()["complete"]
+
+    def test_low_priority_jobs_yield_to_urgent_ones_between_requests(self, cache_env: CacheEnv):
+        blob = cache_env.blob
+        cache_env.spy.delay = 0.03
+        with cache_env.open(merge_size=64 << 10) as c:
+            first = c.prefetch([(0, blob.entries[19].uncompressed_end)])     # low, ~20 requests
+            second = c.prefetch([(blob.entries[20].uncompressed_offset,
+                                  len(blob.view) - blob.entries[20].uncompressed_offset)])
+            time.sleep(0.1)
+            urgent = [c.prefetch([(blob.entries[i].uncompressed_offset, 1)], low_priority=False)
+                      for i in (36, 37, 38)]
+            for u in urgent:
+                assert u.result(timeout=20) == 1
+            assert not first.done() and not second.done()
+            assert first.result(timeout=20) + second.result(timeout=20) == len(blob.entries) - 3
+            assert c.read(0, len(blob.view)) == blob.view
+
     def test_close_stops_prefetch_promptly(self, cache_env: CacheEnv):
         cache_env.spy.delay = 0.1
         c = cache_env.open(merge_size=64 << 10)

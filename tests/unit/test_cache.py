@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import threading
 import time
 from pathlib import Path
@@ -99,7 +101,7 @@ class TestChunkMap:
         m.mark_ready(3, 42)
         p = tmp_path / "a.chunkmap"
         m.save(p)
-        assert not (tmp_path / "a.chunkmap.tmp").exists()
+        assert not (tmp_path / "a.chunkmap.tmp").exists() and not list(tmp_path.glob("*.tmp"))
         m2, reason = ChunkMap.load(p, chunk_count=70, blob_id="ab" * 32, toc_digest="cd" * 32,
                                    view_size=70 * 4096)
         assert reason is None and m2.ready_indices() == [3]
@@ -271,7 +273,7 @@ def test_cache_manager_shares_caches_and_aggregates_stats(tmp_path):
         assert st["totals"]["disk_bytes"] >= st["totals"]["bytes_ready"]
         assert st["metrics"]["bytes_fetched"] == sum(b.summary.toc_offset for b in blobs)
         assert list(st["metrics"]["sources"]) == [f"localfs {tmp_path / 'layout'}"]
-        with pytest.raises(CacheInUse):                # a second daemon on the same cache dir
+        with pytest.raises(CacheInUse):                # a second BlobCache of a blob in one process
             BlobCache(tmp_path / "cache", blobs[0].summary, LocalFsBackend(tmp_path / "layout"))
 
 
@@ -357,3 +359,180 @@ def test_unwritable_cache_still_serves_verified_bytes(tmp_path, monkeypatch, cap
         assert c.read(0, len(blob.view)) == blob.view
         assert c.usage()["complete"]
     assert any("cannot write chunk" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- open, TOC metrics
+
+class _SlowTocFor(CountingBackend):
+    """Reads of blob `slow` (its TOC) wait for `release`; other blobs answer at once."""
+
+    def __init__(self, inner, slow: str):
+        super().__init__(inner)
+        self.slow = slow
+        self.release = threading.Event()
+
+    def _read_range(self, blob_id, offset, size):
+        if blob_id == self.slow:
+            self.release.wait(10)
+        return super()._read_range(blob_id, offset, size)
+
+
+def test_manager_open_fetches_tocs_without_holding_its_lock(tmp_path):
+    a, b = make_blob(60, chunks=4), make_blob(61, chunks=4)
+    for blob in (a, b):
+        _store(tmp_path / "layout", blob)
+    spy = _SlowTocFor(LocalFsBackend(tmp_path / "layout"), a.blob_id)
+    with CacheManager(tmp_path / "cache", spy) as mgr:
+        got: list = []
+        opener = [threading.Thread(target=lambda: got.append(mgr.open(a.summary)))
+                  for _ in range(3)]
+        for t in opener:
+            t.start()
+        time.sleep(0.1)                                 # blob A's TOC fetch is stalled
+        t0 = time.monotonic()
+        cb = mgr.open(b.summary)                        # ... and does not hold up blob B
+        assert time.monotonic() - t0 < 0.5
+        assert cb.read(0, 100) == b.view[:100]
+        assert not got
+        spy.release.set()
+        for t in opener:
+            t.join(10)
+        assert len(got) == 3 and got[0] is got[1] is got[2] is mgr.open(a.summary)
+        assert sum(1 for bid, _, _ in spy.calls if bid == a.blob_id) == 1   # one TOC fetch
+        assert got[0].read(0, len(a.view)) == a.view
+
+
+def test_manager_open_shares_an_open_error_and_retries_later(tmp_path):
+    a = make_blob(62, chunks=4)
+    _store(tmp_path / "layout", a)
+    spy = CountingBackend(LocalFsBackend(tmp_path / "layout"))
+    with CacheManager(tmp_path / "cache", spy) as mgr:
+        spy.fail_next(1)
+        with pytest.raises(BackendError):
+            mgr.open(a.summary)
+        assert mgr.get(a.blob_id) is None
+        assert mgr.open(a.summary).read(0, 10) == a.view[:10]
+
+
+def test_toc_fetches_are_counted_apart_from_chunk_bytes(tmp_path):
+    blob = make_blob(63, chunks=20)
+    _store(tmp_path / "layout", blob)
+    backend = LocalFsBackend(tmp_path / "layout")
+    tail = min(len(blob.data), 128 + (64 << 10))        # footer + the first TOC read's hint
+    with BlobCache(tmp_path / "cache", blob.summary, backend) as c:
+        snap = c.metrics.snapshot()
+        assert (snap["toc_requests"], snap["toc_bytes"]) == (1, tail)
+        assert snap["bytes_fetched"] == 0 and snap["requests"] == 0
+        c.read(0, len(blob.view))
+        snap = json.loads(json.dumps(c.metrics.snapshot()))
+        assert snap["bytes_fetched"] == blob.summary.toc_offset and snap["toc_bytes"] == tail
+    with BlobCache(tmp_path / "cache", blob.summary, backend) as c:   # cached TOC: no request
+        assert c.metrics.snapshot()["toc_requests"] == 0
+
+
+# --------------------------------------------------------------------------- shared cache dir
+
+def _shared_reader(cache_dir, layout, seed, chunks, opts, barrier, results):
+    """Child process: open the blob's cache, read `chunks` (after `barrier`), report."""
+    try:
+        blob = make_blob(seed)
+        spy = CountingBackend(LocalFsBackend(layout))
+        spy.delay = 0.003
+        with BlobCache(cache_dir, blob.summary, spy, **opts) as c:
+            spy.reset()
+            if barrier is not None:
+                barrier.wait(20)
+            bad = [i for i in chunks
+                   if c.read(blob.entries[i].uncompressed_offset, blob.entries[i].uncompressed_size)
+                   != blob.view[blob.entries[i].uncompressed_offset:blob.entries[i].uncompressed_end]]
+            results.put(("ok", bad, len(spy.data_calls(blob.summary.toc_offset))))
+    except BaseException as e:                          # reported to the test
+        results.put(("error", repr(e), 0))
+
+
+def _run_readers(tmp_path, seed, chunk_lists, opts, *, barrier=True):
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    bar = ctx.Barrier(len(chunk_lists)) if barrier else None
+    procs = [ctx.Process(target=_shared_reader,
+                         args=(str(tmp_path / "cache"), str(tmp_path / "layout"), seed, chunks,
+                               opts, bar, results)) for chunks in chunk_lists]
+    for p in procs:
+        p.start()
+    out = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    return out
+
+
+def test_two_processes_share_one_cache_dir(tmp_path):
+    seed = 70
+    blob = make_blob(seed)
+    _store(tmp_path / "layout", blob)
+    n = len(blob.entries)
+    first = list(range(0, 20)) + list(range(0, n, 3))
+    second = list(range(35, 12, -1)) + list(range(1, n, 5))
+    opts = dict(readahead=False, merge_size=64 << 10, flush_interval=0.02, flush_chunks=2)
+    out = _run_readers(tmp_path, seed, [first, second], opts)
+    for status, bad, _ in out:
+        assert status == "ok", bad
+        assert bad == [], f"wrong bytes served for chunks {bad}"
+    union = sorted(set(first) | set(second))
+    spy = CountingBackend(LocalFsBackend(tmp_path / "layout"))
+    with BlobCache(tmp_path / "cache", blob.summary, spy, readahead=False) as c:
+        ready = [i for i in range(n) if c.chunk_ready(i)]
+        assert ready == union                           # no chunk map update was lost
+        spy.reset()
+        for i in union:
+            e = blob.entries[i]
+            assert c.read(e.uncompressed_offset, e.uncompressed_size) == \
+                blob.view[e.uncompressed_offset:e.uncompressed_end]
+        assert spy.calls == []
+
+
+def test_a_process_uses_chunks_another_one_fetched(tmp_path):
+    seed = 71
+    blob = make_blob(seed)
+    _store(tmp_path / "layout", blob)
+    spy = CountingBackend(LocalFsBackend(tmp_path / "layout"))
+    with BlobCache(tmp_path / "cache", blob.summary, spy, readahead=False) as mine:
+        out = _run_readers(tmp_path, seed, [list(range(10, 20))],
+                           dict(readahead=False, merge_size=64 << 10), barrier=False)
+        assert out[0][:2] == ("ok", []) and out[0][2] > 0
+        spy.reset()
+        e0, e1 = blob.entries[10], blob.entries[19]
+        assert mine.read(e0.uncompressed_offset, e1.uncompressed_end - e0.uncompressed_offset) == \
+            blob.view[e0.uncompressed_offset:e1.uncompressed_end]
+        assert spy.data_calls(blob.summary.toc_offset) == []   # re-read the map, xxh64-checked
+
+
+def test_a_second_process_never_discards_a_live_users_chunks(tmp_path):
+    seed = 72
+    blob = make_blob(seed)
+    _store(tmp_path / "layout", blob)
+    spy = CountingBackend(LocalFsBackend(tmp_path / "layout"))
+    with BlobCache(tmp_path / "cache", blob.summary, spy, flush_interval=3600,
+                   flush_chunks=10**6) as mine:
+        assert mine.read(0, len(blob.view)) == blob.view      # ready here, no chunkmap file yet
+        assert not os.path.exists(mine.map_path)
+        out = _run_readers(tmp_path, seed, [[0, 5]], dict(readahead=False), barrier=False)
+        assert out[0][:2] == ("ok", [])
+        spy.reset()
+        assert mine.read(0, len(blob.view)) == blob.view      # the data file was not truncated
+        assert spy.calls == []
+    with BlobCache(tmp_path / "cache", blob.summary, spy) as again:
+        assert again.usage()["complete"]                       # both maps merged
+
+
+def test_chunkmap_merge_ors_ready_bits():
+    kw = dict(blob_id="ab" * 32, toc_digest="cd" * 32, view_size=70 * 4096)
+    a, b = ChunkMap(70, **kw), ChunkMap(70, **kw)
+    a.mark_ready(1, 11)
+    a.mark_ready(64, 640)
+    b.mark_ready(1, 11)
+    b.mark_ready(2, 22)
+    b.mark_ready(69, 690)
+    b.mark_ready(5, 55)
+    assert a.merge_from(b, skip={5: 55, 69: 1}) == [2, 69]
+    assert a.ready_indices() == [1, 2, 64, 69] and a.xxh64(69) == 690 and a.ready_count == 4

@@ -17,6 +17,29 @@ Files in `cache_dir`, per blob (`<id>` = hex sha256 of the blob):
 * `<id>.toc`: the blob's TOC + footer as fetched (TOC bytes then the 128-byte
   footer), so a warm re-open needs no request at all. Re-verified against the
   trusted TOC digest at every open; a bad one is fetched again.
+* `<id>.lock`: an empty file whose exclusive flock serializes, between
+  processes, the short steps that must not interleave (opening, and the
+  read-merge-replace of `<id>.chunkmap`).
+
+Sharing a cache directory between processes (two mounts of one image):
+
+* Every BlobCache holds a *shared* flock on `<id>.blob` for its lifetime. At
+  open, under the `<id>.lock` lock, it first tries an exclusive one: only a
+  process that gets it (nobody else uses the blob) may discard the data file
+  (truncate it when the chunkmap is unusable); others never shrink it.
+* Data writes are pwrites of verified chunks at their fixed view offsets, so
+  two processes writing one chunk write identical bytes; a process only
+  serves bytes it verified itself, or that a chunkmap vouches for and that
+  pass their xxh64 re-check on first read.
+* A chunkmap flush takes the `<id>.lock` lock, reads the map on disk, ORs its
+  ready bits into the in-memory map (their xxh64 with them; chunks this
+  process found changed on disk are left out), and replaces the file: no
+  process's update is lost. Before fetching a missing chunk a cache looks at
+  the on-disk map again (when the file changed) and adopts chunks another
+  process made ready (they are re-checked with xxh64 before being served).
+* Within one process there is one BlobCache per blob (the CacheManager shares
+  it); a second one raises `CacheInUse`. So does an exclusive lock held by a
+  process that does not share (an older pynydus).
 
 Trust and faults:
 
@@ -43,10 +66,15 @@ Fetching:
   it wait for that fetch and get its result or its error (one fetch per
   chunk). At most `max_inflight` backend requests per blob run at a time; a
   read needing several requests issues them in parallel.
-* `prefetch(ranges)` / `prefetch_all()` run in one background thread per blob
-  at low priority: one background request at a time, started only while no
-  on-demand read is waiting for a fetch (a `DemandGate`, shared by all blobs of
-  a `CacheManager`). `close()` stops it between requests.
+* `prefetch(ranges)` / `prefetch_all()` run in one background thread per blob.
+  Low-priority jobs (the default, and `prefetch_all`) are streamed one merged
+  request at a time, each started only while no on-demand read is waiting for
+  a fetch (a `DemandGate`, shared by all blobs of a `CacheManager`) and no
+  high-priority job is queued. High-priority jobs (`low_priority=False`, the
+  FUSE layer's sequential read-ahead) jump ahead of every low-priority job and
+  are fetched like an on-demand read (merged, in parallel); they wait for at
+  most the one low-priority request in progress. `close()` stops prefetch
+  between requests.
 """
 from __future__ import annotations
 
@@ -58,8 +86,9 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from contextlib import ExitStack, contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import xxhash
 
@@ -89,7 +118,13 @@ READY = 2                          # verified in this process (fetched, or re-ch
 
 
 class CacheInUse(RafsError):
-    """The cache files of a blob are locked by another BlobCache (another daemon)."""
+    """The cache files of a blob cannot be shared: this process already has a BlobCache of the
+    blob there, or a process that does not share holds them exclusively."""
+
+
+# (st_dev, st_ino) of the data files this process has a BlobCache on: one per blob and process
+_open_here: set[tuple[int, int]] = set()
+_open_here_lock = threading.Lock()
 
 
 class CacheClosed(RafsError):
@@ -119,12 +154,18 @@ class DemandGate:
                 if not self._waiting:
                     self._cond.notify_all()
 
-    def wait_idle(self, stop: threading.Event, poll: float = 0.05) -> bool:
-        """Block until no on-demand read waits; False if `stop` was set meanwhile."""
+    def wait_idle(self, stop: threading.Event, poll: float = 0.05,
+                  wake: Callable[[], bool] | None = None) -> bool:
+        """Block until no on-demand read waits (or `wake()` is true); False if `stop` was set."""
         with self._cond:
-            while self._waiting and not stop.is_set():
+            while self._waiting and not stop.is_set() and not (wake is not None and wake()):
                 self._cond.wait(poll)
         return not stop.is_set()
+
+    def poke(self) -> None:
+        """Wake the waiters of `wait_idle` so that they re-check `stop` / `wake`."""
+        with self._cond:
+            self._cond.notify_all()
 
 
 class _Pending:
@@ -138,6 +179,18 @@ class _Pending:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.results: dict[int, bytes | BaseException] = {}
+
+
+class _PrefetchJob:
+    """One `prefetch` call: its sorted chunk indices, how far it got, its Future."""
+    __slots__ = ("indices", "pos", "fut", "low", "fetched")
+
+    def __init__(self, indices: list[int], fut: Future, low: bool):
+        self.indices = indices
+        self.pos = 0
+        self.fut = fut
+        self.low = low
+        self.fetched = 0
 
 
 class BlobCache:
@@ -177,6 +230,7 @@ class BlobCache:
         self.data_path = os.path.join(self.dir, self.blob_id + ".blob")
         self.map_path = os.path.join(self.dir, self.blob_id + ".chunkmap")
         self.toc_path = os.path.join(self.dir, self.blob_id + ".toc")
+        self.lock_path = os.path.join(self.dir, self.blob_id + ".lock")
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -190,19 +244,28 @@ class BlobCache:
         self._dirty_since = 0.0
         self._flush_lock = threading.Lock()
         self._flusher: threading.Thread | None = None
-        self._prefetch_jobs: deque[tuple[list[int], Future, bool]] = deque()
+        self._urgent_jobs: deque[_PrefetchJob] = deque()   # high priority: before any low one
+        self._background_jobs: deque[_PrefetchJob] = deque()
         self._prefetcher: threading.Thread | None = None
         self._write_failed = False
+        self._cleared: dict[int, int] = {}   # chunk -> xxh64 its bytes on disk failed (not ready)
+        self._map_seen: tuple | None = None  # identity of the chunkmap file last read / written
 
-        self._fd = self._open_data_file()     # locked first: one cache user per blob
+        self._fd = self._lock_fd = -1
+        self._key = self._claim()             # first: one BlobCache per blob in this process
         try:
             self.footer, self.toc = self._load_toc()
             self._offsets = [e.uncompressed_offset for e in self.toc]
             self.view_size = self.footer.uncompressed_size
             self.total_bytes = sum(e.uncompressed_size for e in self.toc)
-            self._map, self._state, self._ready_bytes = self._load_state()
+            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            with self._xlock():
+                self._fd, sole = self._open_data_file()
+                self._map, self._state, self._ready_bytes = self._load_state(sole)
+                if sole:                       # keep only a shared lock: others may join now
+                    self._flock_shared(self._fd)
         except BaseException:
-            os.close(self._fd)
+            self._release_files()
             raise
 
     # ------------------------------------------------------------------ opening
@@ -229,12 +292,14 @@ class BlobCache:
         try:
             tail_len = min(blob_size, FOOTER_SIZE + _TAIL_HINT)
             tail = self.backend.read_range(self.blob_id, blob_size - tail_len, tail_len)
+            self.metrics.toc_fetch(len(tail))
             footer = read_footer(tail, blob_size)
             if footer.toc_size + FOOTER_SIZE <= tail_len:
                 toc_bytes = tail[tail_len - FOOTER_SIZE - footer.toc_size:tail_len - FOOTER_SIZE]
             else:
                 toc_bytes = self.backend.read_range(self.blob_id, footer.toc_offset,
                                                     footer.toc_size)
+                self.metrics.toc_fetch(len(toc_bytes))
             toc = parse_toc(toc_bytes, footer, trusted_digest=self.info.toc_digest)
         except (FormatError, IntegrityError) as e:
             raise type(e)(f"{self.name}: {e}") from None
@@ -254,35 +319,95 @@ class BlobCache:
                                   f"blob's footer says {actual!r}: the bootstrap does not match "
                                   "this blob")
 
-    def _open_data_file(self) -> int:
+    def _claim(self) -> tuple:
+        """Register this BlobCache as the one of its blob in this process (CacheInUse if taken)."""
+        st = os.stat(self.dir)
+        key = (st.st_dev, st.st_ino, self.blob_id)
+        with _open_here_lock:
+            if key in _open_here:
+                raise CacheInUse(f"{self.name}: this process already has a blob cache on "
+                                 f"{self.data_path}; share it (CacheManager.open) instead of "
+                                 "opening a second one")
+            _open_here.add(key)
+        return key
+
+    def _release_files(self) -> None:
+        """Close the files (releasing the flocks) and the in-process claim; idempotent."""
+        for attr in ("_fd", "_lock_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                os.close(fd)
+        with _open_here_lock:
+            _open_here.discard(self._key)
+
+    @contextmanager
+    def _xlock(self) -> Iterator[None]:
+        """The exclusive cross-process lock of this blob's cache files (short steps only)."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _in_use_by_other(self) -> CacheInUse:
+        return CacheInUse(f"{self.name}: cache file {self.data_path} is locked exclusively by "
+                          "another process that does not share its cache directory (an older "
+                          "pynydus daemon?); give each mount its own --cache-dir")
+
+    def _flock_shared(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._in_use_by_other() from None
+
+    def _open_data_file(self) -> tuple[int, bool]:
+        """Open and flock the data file (called under `_xlock`): (fd, True if no other user)."""
         fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CacheInUse(f"{self.name}: cache file {self.data_path} is in use by another "
-                             "blob cache (another daemon on the same cache directory?)") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd, True
+            except BlockingIOError:
+                pass
+            self._flock_shared(fd)           # other processes use it: share it with them
+            return fd, False
         except BaseException:
             os.close(fd)
             raise
-        return fd
 
-    def _load_state(self) -> tuple[ChunkMap, bytearray, int]:
+    def _map_kw(self) -> dict:
+        return dict(chunk_count=len(self.toc), blob_id=self.blob_id,
+                    toc_digest=self.footer.toc_digest, view_size=self.view_size)
+
+    def _map_identity(self) -> tuple | None:
+        try:
+            st = os.stat(self.map_path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+
+    def _load_state(self, sole: bool) -> tuple[ChunkMap, bytearray, int]:
         n = len(self.toc)
-        kw = dict(chunk_count=n, blob_id=self.blob_id, toc_digest=self.footer.toc_digest,
-                  view_size=self.view_size)
+        kw = self._map_kw()
         existed = os.path.exists(self.map_path)
+        self._map_seen = self._map_identity()
         cmap, reason = ChunkMap.load(self.map_path, **kw)
-        if reason is None and os.fstat(self._fd).st_size != self.view_size:
-            cmap, reason = ChunkMap(**kw), (f"the data file is {os.fstat(self._fd).st_size} "
-                                            f"bytes, not {self.view_size}")
+        size = os.fstat(self._fd).st_size
+        if reason is None and size != self.view_size:
+            cmap, reason = ChunkMap(**kw), f"the data file is {size} bytes, not {self.view_size}"
         if reason is not None:
             if existed:
                 log.warning("%s: ignoring cache state %s (%s); starting with an empty cache",
                             self.name, self.map_path, reason)
-            # Drop whatever the data file held: nothing vouches for it.
-            os.ftruncate(self._fd, 0)
-            os.ftruncate(self._fd, self.view_size)
+            if sole:
+                # Drop whatever the data file held: nothing vouches for it.
+                os.ftruncate(self._fd, 0)
+                os.ftruncate(self._fd, self.view_size)
+            elif size < self.view_size:
+                # Another process uses the file (and may not have flushed its map yet): its
+                # chunks must stay; we just start empty. Growing never destroys a byte.
+                os.ftruncate(self._fd, self.view_size)
         state = bytearray(n)
         ready_bytes = 0
         for i in cmap.ready_indices():
@@ -312,11 +437,13 @@ class BlobCache:
                 return
             self._closing = True
             self._stop.set()
-            jobs = list(self._prefetch_jobs)
-            self._prefetch_jobs.clear()
+            jobs = list(self._urgent_jobs) + list(self._background_jobs)
+            self._urgent_jobs.clear()
+            self._background_jobs.clear()
             self._cond.notify_all()
-        for _, fut, _ in jobs:
-            fut.cancel()
+        for job in jobs:
+            job.fut.cancel()
+        self.gate.poke()
         for t in (self._prefetcher, self._flusher):
             if t is not None and t is not threading.current_thread():
                 t.join()
@@ -328,7 +455,7 @@ class BlobCache:
         try:
             self.flush()
         finally:
-            os.close(self._fd)             # releases the flock too
+            self._release_files()          # releases the flocks too
 
     def __enter__(self) -> "BlobCache":
         return self
@@ -386,6 +513,10 @@ class BlobCache:
         data file (only if `keep`).
         """
         wanted = indices if isinstance(indices, range) else set(indices)
+        with self._lock:
+            stale = any(self._state[i] == MISSING and i not in self._inflight for i in indices)
+        if stale:          # about to fetch: another process sharing the cache may have them
+            self._refresh_from_disk()
         mem: dict[int, bytes] = {}
         served: set[int] = set()           # delivered from memory (write failed)
         hits = misses = 0
@@ -579,6 +710,7 @@ class BlobCache:
             return
         h = xxhash.xxh64_intdigest(plain)
         with self._lock:
+            self._cleared.pop(i, None)
             if self._state[i] != READY:
                 self._ready_bytes += 0 if self._map.ready(i) else e.uncompressed_size
                 self._map.mark_ready(i, h)
@@ -608,6 +740,7 @@ class BlobCache:
             with self._lock:
                 if self._map.ready(i):
                     self._ready_bytes -= e.uncompressed_size
+                self._cleared[i] = expected    # a shared map may still vouch for these bytes
                 self._map.clear(i)
                 self._state[i] = MISSING
                 self._note_dirty()
@@ -653,20 +786,54 @@ class BlobCache:
                 time.sleep(self.flush_interval)
 
     def flush(self) -> None:
-        """Persist the ready-state: fdatasync the data file, then atomically replace the chunkmap."""
+        """Persist the ready-state: fdatasync the data file, then atomically replace the chunkmap.
+
+        Under the cross-process lock, the map on disk (other processes' chunks) is merged
+        in first, so that no process's ready bits are lost.
+        """
         with self._flush_lock:
             with self._lock:
                 if not self._dirty:
                     return
-                encoded = self._map.encode()
-                dirty, self._dirty = self._dirty, 0
-            try:
-                os.fdatasync(self._fd)
-                write_atomic(self.map_path, encoded)
-            except BaseException:
+            with self._xlock():
+                disk, reason = ChunkMap.load(self.map_path, **self._map_kw())
                 with self._lock:
-                    self._dirty += dirty
-                raise
+                    if reason is None:
+                        self._adopt(disk)
+                    encoded = self._map.encode()
+                    dirty, self._dirty = self._dirty, 0
+                try:
+                    os.fdatasync(self._fd)
+                    write_atomic(self.map_path, encoded)
+                except BaseException:
+                    with self._lock:
+                        self._dirty += dirty
+                    raise
+                seen = self._map_identity()
+                with self._lock:
+                    self._map_seen = seen
+
+    def _refresh_from_disk(self) -> int:
+        """Adopt chunks another process made ready since the chunkmap was last read (they are
+        re-checked with xxh64 before being served); returns how many."""
+        seen = self._map_identity()
+        with self._lock:
+            if seen is None or seen == self._map_seen:
+                return 0
+        disk, reason = ChunkMap.load(self.map_path, **self._map_kw())
+        with self._lock:
+            self._map_seen = seen
+            return 0 if reason is not None else self._adopt(disk)
+
+    def _adopt(self, disk: ChunkMap) -> int:
+        """Merge the on-disk map into ours (locked): its ready chunks we lack become UNCHECKED
+        (or stay in flight here); chunks whose bytes we found changed are left out."""
+        added = self._map.merge_from(disk, self._cleared)
+        for i in added:
+            self._ready_bytes += self.toc[i].uncompressed_size
+            if self._state[i] == MISSING and i not in self._inflight:
+                self._state[i] = UNCHECKED
+        return len(added)
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, ranges: Iterable[tuple[int, int]], low_priority: bool = True) -> Future:
@@ -675,7 +842,9 @@ class BlobCache:
         Returns a Future of the number of chunks fetched; cancelling it (or
         `close()`) stops the prefetch before its next request.
         Low priority (default): one request at a time, only while no on-demand
-        read waits. Otherwise the chunks are fetched like an on-demand read.
+        read waits and no high-priority job is queued. Otherwise the job goes
+        ahead of every low-priority one and its chunks are fetched like an
+        on-demand read.
         """
         wanted: set[int] = set()
         for off, size in ranges:
@@ -689,83 +858,109 @@ class BlobCache:
             if self._closing:
                 fut.cancel()
                 return fut
-            self._prefetch_jobs.append((sorted(wanted), fut, low_priority))
+            job = _PrefetchJob(sorted(wanted), fut, low_priority)
+            (self._background_jobs if low_priority else self._urgent_jobs).append(job)
             if self._prefetcher is None:
                 self._prefetcher = threading.Thread(target=self._prefetch_loop, daemon=True,
                                                     name=f"prefetch-{self.blob_id[:12]}")
                 self._prefetcher.start()
+        if not low_priority:
+            self.gate.poke()                   # a low-priority job may be waiting for the gate
         return fut
 
     def prefetch_all(self) -> Future:
         """Prefetch the whole blob in the background (low priority)."""
         return self.prefetch([(0, self.view_size)])
 
+    def _urgent_waiting(self) -> bool:
+        return bool(self._urgent_jobs)
+
     def _prefetch_loop(self) -> None:
+        """Run urgent jobs first (each whole), then low-priority ones one request at a time."""
         while True:
             with self._lock:
-                if not self._prefetch_jobs or self._closing:
+                for q in (self._urgent_jobs, self._background_jobs):
+                    while q and q[0].fut.cancelled():
+                        q.popleft()
+                if self._closing or not (self._urgent_jobs or self._background_jobs):
                     self._prefetcher = None
                     return
-                indices, fut, low = self._prefetch_jobs.popleft()
-            if fut.cancelled():
+                job = (self._urgent_jobs.popleft() if self._urgent_jobs
+                       else self._background_jobs[0])
+            if not job.low:
+                self._settle(job, self._prefetch_urgent)
                 continue
-            try:
-                outcome, failed = self._prefetch_job(indices, low, fut), False
-            except CacheClosed:
-                fut.cancel()
-                continue
-            except BaseException as e:
-                log.warning("%s: prefetch stopped: %s", self.name, e)
-                outcome, failed = e, True
-            try:                               # the Future is never marked running, so a
-                if failed:                     # caller's cancel() stops the job: done maybe
-                    fut.set_exception(outcome)
-                else:
-                    fut.set_result(outcome)
-            except InvalidStateError:
-                pass
+            if not self.gate.wait_idle(self._stop, wake=self._urgent_waiting):
+                continue                       # closing: the loop ends above
+            with self._lock:
+                if self._urgent_jobs:
+                    continue                   # one arrived while we waited: it goes first
+            self._settle(job, self._prefetch_step)
 
-    def _prefetch_job(self, indices: list[int], low_priority: bool, fut: Future) -> int:
-        if not low_priority:
-            with self._using():
-                _, _, misses = self._ensure(indices, urgent=False, keep=False)
-                return misses
-        fetched = 0
-        pos = 0
-        while pos < len(indices) and not fut.cancelled():
-            if not self.gate.wait_idle(self._stop):
-                raise CacheClosed(f"{self.name}: closed during prefetch")
-            with self._using():
-                with self._lock:
-                    batch: list[int] = []
-                    size = 0
-                    while pos < len(indices):
-                        i = indices[pos]
-                        if self._state[i] != MISSING or i in self._inflight:
-                            if batch:
-                                break
-                            pos += 1
-                            continue
-                        c = self.toc[i].compressed_size
-                        if batch and (i != batch[-1] + 1 or size + c > self.merge_size):
+    def _settle(self, job: _PrefetchJob, step: Callable[[_PrefetchJob], bool]) -> None:
+        """Run `step(job)`; when it says the job is done (or fails), complete the job's Future."""
+        try:
+            done, failed, outcome = step(job), False, None
+        except CacheClosed:
+            done, failed, outcome = True, None, None
+        except BaseException as e:
+            log.warning("%s: prefetch stopped: %s", self.name, e)
+            done, failed, outcome = True, True, e
+        if not done:
+            return
+        with self._lock:
+            if job.low and job in self._background_jobs:
+                self._background_jobs.remove(job)
+        try:                                   # the Future is never marked running, so a
+            if failed is None:                 # caller's cancel() stops the job: done maybe
+                job.fut.cancel()
+            elif failed:
+                job.fut.set_exception(outcome)
+            else:
+                job.fut.set_result(job.fetched)
+        except InvalidStateError:
+            pass
+
+    def _prefetch_urgent(self, job: _PrefetchJob) -> bool:
+        with self._using():
+            _, _, job.fetched = self._ensure(job.indices, urgent=False, keep=False)
+        return True
+
+    def _prefetch_step(self, job: _PrefetchJob) -> bool:
+        """Fetch the next merged request of a low-priority job; True when the job is done."""
+        with self._using():
+            self._refresh_from_disk()          # chunks another process fetched meanwhile
+            with self._lock:
+                batch: list[int] = []
+                size = 0
+                indices = job.indices
+                while job.pos < len(indices):
+                    i = indices[job.pos]
+                    if self._state[i] != MISSING or i in self._inflight:
+                        if batch:
                             break
-                        batch.append(i)
-                        size += c
-                        pos += 1
-                    if not batch:
+                        job.pos += 1
+                        continue
+                    c = self.toc[i].compressed_size
+                    if batch and (i != batch[-1] + 1 or size + c > self.merge_size):
                         break
-                    p = _Pending()
-                    for i in batch:
-                        self._inflight[i] = p
-                self._fetch(batch, p, prefetch=True)
-            for i in batch:
-                r = p.results.get(i)
-                if isinstance(r, IntegrityError):
-                    continue               # logged; the chunk stays missing, go on with the rest
-                if isinstance(r, BaseException):
-                    raise r
-                fetched += 1
-        return fetched
+                    batch.append(i)
+                    size += c
+                    job.pos += 1
+                if not batch:
+                    return True
+                p = _Pending()
+                for i in batch:
+                    self._inflight[i] = p
+            self._fetch(batch, p, prefetch=True)
+        for i in batch:
+            r = p.results.get(i)
+            if isinstance(r, IntegrityError):
+                continue                       # logged; the chunk stays missing, go on with the rest
+            if isinstance(r, BaseException):
+                raise r
+            job.fetched += 1
+        return job.pos >= len(job.indices)
 
     # ------------------------------------------------------------------ reporting
     def usage(self) -> dict:
@@ -812,20 +1007,48 @@ class CacheManager:
         self._owns_backend = owns_backend
         self._lock = threading.Lock()
         self._caches: dict[str, BlobCache] = {}
+        self._opening: dict[str, Future] = {}     # blob id -> the BlobCache being opened
         self._closed = False
 
     def open(self, info) -> BlobCache:
-        """The BlobCache of blob `info` (a BlobInfo), opened on first use (fetches its TOC if needed)."""
+        """The BlobCache of blob `info` (a BlobInfo), opened on first use (fetches its TOC if needed).
+
+        The TOC is fetched without holding the manager's lock: opening one blob never waits
+        for another's. Concurrent opens of one blob share one BlobCache (or its error).
+        """
         blob_id = normalize_blob_id(info.blob_id)
         with self._lock:
             if self._closed:
                 raise CacheClosed(f"cache manager of {self.dir} is closed")
             cache = self._caches.get(blob_id)
-            if cache is None:
-                cache = BlobCache(self.dir, info, self.backend, metrics=self.metrics,
-                                  gate=self.gate, **self._options)
+            if cache is not None:
+                return cache
+            pending = self._opening.get(blob_id)
+            mine = pending is None
+            if mine:
+                pending = self._opening[blob_id] = Future()
+        if not mine:
+            return pending.result()            # the other opener's BlobCache, or its error
+        try:
+            cache = BlobCache(self.dir, info, self.backend, metrics=self.metrics,
+                              gate=self.gate, **self._options)
+        except BaseException as e:
+            with self._lock:
+                del self._opening[blob_id]
+            pending.set_exception(e)
+            raise
+        with self._lock:
+            del self._opening[blob_id]
+            closed = self._closed
+            if not closed:
                 self._caches[blob_id] = cache
-            return cache
+        if closed:                             # the manager closed while we fetched the TOC
+            cache.close()
+            err = CacheClosed(f"cache manager of {self.dir} is closed")
+            pending.set_exception(err)
+            raise err
+        pending.set_result(cache)
+        return cache
 
     def get(self, blob_id: str) -> BlobCache | None:
         with self._lock:
@@ -858,6 +1081,9 @@ class CacheManager:
             if self._closed:
                 return
             self._closed = True
+            opening = list(self._opening.values())
+        wait_futures(opening)                  # opens in progress finish (and close their cache)
+        with self._lock:
             caches = list(self._caches.values())
         errors = []
         for c in caches:

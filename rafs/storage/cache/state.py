@@ -4,9 +4,12 @@ The blob cache keeps a blob's uncompressed view in a sparse data file
 (`<blob_id>.blob`); this file records which chunks of it hold verified bytes.
 For each chunk: a ready bit and the xxh64 of the chunk's plain bytes. The whole
 file is covered by a sha256, and it is only ever replaced atomically (write
-`<name>.tmp`, fsync, rename, fsync the directory), after the data file was
-fdatasync'd, so a ready bit on disk always vouches for bytes that reached the
-disk before it.
+`<name>.<pid>-<thread>.tmp`, fsync, rename, fsync the directory), after the
+data file was fdatasync'd, so a ready bit on disk always vouches for bytes
+that reached the disk before it. Several processes may share one cache
+directory (see `blobcache`): each replaces the file only under an exclusive
+lock, after merging what is on disk into its own map (`merge_from`), so no
+process's ready bits are lost.
 
 Layout (little-endian)::
 
@@ -36,6 +39,7 @@ import hashlib
 import os
 import struct
 import sys
+import threading
 from array import array
 
 CHUNKMAP_MAGIC = b"RAFSCMAP"
@@ -105,6 +109,27 @@ class ChunkMap:
             self._bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
             self._ready -= 1
         self._hashes[i] = 0
+
+    def merge_from(self, other: "ChunkMap", skip: dict[int, int] | None = None) -> list[int]:
+        """OR `other`'s ready bits (same blob) into this map, taking its xxh64 for chunks only
+        it has; chunks in `skip` whose xxh64 there equals `skip[i]` (bytes known to be bad)
+        are left out. Returns the indices that became ready here."""
+        if other.chunk_count != self.chunk_count:
+            raise ValueError("merging chunk maps of different blobs")
+        added = []
+        bits, theirs = self._bits, other._bits
+        for byte in range(len(theirs)):
+            new = theirs[byte] & ~bits[byte] & 0xFF
+            while new:
+                low = new & -new
+                i = byte * 8 + low.bit_length() - 1
+                new ^= low
+                h = other._hashes[i]
+                if skip and skip.get(i) == h:
+                    continue
+                self.mark_ready(i, h)
+                added.append(i)
+        return added
 
     @property
     def ready_count(self) -> int:
@@ -188,16 +213,23 @@ class ChunkMap:
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new file."""
     path = os.fspath(path)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"   # unique: writers may race
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        view = memoryview(data)
-        while view.nbytes:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view.nbytes:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)
