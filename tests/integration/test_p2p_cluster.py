@@ -181,8 +181,10 @@ def test_peer_killed_mid_transfer_then_tracker_down(lab, lab_registry, images, t
     t.join(timeout=120)
     assert done.is_set(), "the reader did not finish"
     p2p = reader.p2p()
-    assert p2p["peers"][seed.addr]["errors"] >= 1
+    # Part came from the seed, the rest from the registry once seed and tracker were gone. (Whether
+    # the kill hit a request in flight, and so counts as a peer error, depends on timing.)
     assert sum(b["peer"] for b in p2p["blobs"].values()) > 0
+    assert sum(b["registry"] for b in p2p["blobs"].values()) > 0
     # a node that starts now, with neither seed nor tracker, still reads correct bytes
     late = cluster.start(2, ref, p2p=p2p_args(lab, 2, tracker))
     late.read_all(expect)
