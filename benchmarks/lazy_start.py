@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 from . import report
-from .images import DEFAULT_WORKDIR, IMAGES, ImageBuilder, Layout, build_order, image_stats, layer_stats
-from .modes import LAZY_MODES, MODES, Bench, run_mode
+from .images import DEFAULT_WORKDIR, IMAGES, ImageBuilder, Layout, image_stats, layer_stats
+from .modes import MODES, Bench, run_mode
 from .netshape import LINKS, ShapedLink, measure_throughput
 from .prepare import Converter, record_workload, split_ref
 from .sysutil import Cleanup, LoopExt4, load_average, run, run_root, umount_all_below
@@ -80,6 +80,8 @@ def parse_args(argv):
     p.add_argument("--rerecord", action="store_true", help="record the workloads' read sets again")
     p.add_argument("--timeout", type=float, default=600.0, help="per pull / run step")
     p.add_argument("--fast-size", default="16G", help="sparse size of the loop-mounted ext4")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in OUT/results.json and do only the missing ones")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -164,10 +166,15 @@ class Suite:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.out = Path(args.out) if args.out else self.workdir / "results" / stamp
         self.rows: list[dict] = []
+        if args.resume and (self.out / "results.json").exists():
+            self.rows = json.loads((self.out / "results.json").read_text())
+            self.meta_resumed = len(self.rows)
         self.meta: dict = {"command": "python -m benchmarks.lazy_start " + " ".join(map(shlex.quote, sys.argv[1:])),
                            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "repeat": self.repeat,
                            "images": self.images, "workloads": [w.name for w in self.workloads],
                            "modes": self.modes, "links_order": self.links, "links": {}}
+        if getattr(self, "meta_resumed", None):
+            self.meta["resumed_after_runs"] = self.meta_resumed
         self.builder = ImageBuilder(self.workdir)
         self.extra = dict(e.split("=", 1) for e in args.extra_image)
         self.configs: dict[str, dict] = {}
@@ -351,9 +358,12 @@ class Suite:
                     b = Bench(self.workdir, fast, reg, link, cleanup, ctd=ctd, runner=runner,
                               configs=self.configs, records=self.records, tags=self.tags, erofs_ok=erofs_ok,
                               timeout=self.args.timeout, snapshotters=snaps)
+                    done = {(r["link"], r["repeat"], r["workload"], r["mode"]) for r in self.rows}
                     for rep in range(self.repeat):
                         for wl in self.workloads:
                             for mode in self.modes:
+                                if (link_name, rep, wl.name, mode) in done:
+                                    continue
                                 log.info("[%s] repeat %d: %s on %s, mode %s", link_name, rep, wl.name, wl.image, mode)
                                 row = run_mode(b, mode, wl, rep)
                                 self.rows.append(row)
@@ -463,11 +473,18 @@ def main(argv: list[str] | None = None) -> int:
     suite = Suite(args)
     try:
         return suite.run()
-    except KeyboardInterrupt:
-        print("interrupted; everything set up was undone", file=sys.stderr)
+    except (KeyboardInterrupt, SystemExit) as e:
+        code = 130 if isinstance(e, KeyboardInterrupt) else e.code
+        print(f"interrupted ({code}); everything set up was undone; partial results in {suite.out} "
+              "(continue with --resume)", file=sys.stderr)
         if suite.rows:
-            report.write(suite.out, suite.rows, suite.meta)
-        return 130
+            suite.meta["interrupted"] = code
+            suite.meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            try:
+                report.write(suite.out, suite.rows, suite.meta)
+            except Exception as err:  # noqa: BLE001 - the rows are saved already
+                print(f"report: {err}", file=sys.stderr)
+        return code if isinstance(code, int) else 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import mmap
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -126,6 +127,8 @@ class Cleanup:
 
 
 def _exit_on_signal(signum, frame):  # noqa: ARG001
+    print(f"received signal {signum} ({signal.Signals(signum).name}): undoing everything and exiting",
+          file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)
 
 
