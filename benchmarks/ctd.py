@@ -225,7 +225,7 @@ class NydusSnapshotter:
         stop_process(self.proc)
         self.proc = None
         for pid in self._daemon_pids():          # daemons outlive the snapshotter by design
-            kill_pid(pid)
+            kill_pid(pid, expect=str(self.root))
         umount_all_below(self.base)
         try:
             from snapshotter.lazy import default_run_dir
@@ -244,12 +244,10 @@ class NydusSnapshotter:
         from .sysutil import mounts_below
         left = [str(p) for p in self.cache.rglob("*") if p.is_file()][:3]
         left += mounts_below(self.root)
+        from .sysutil import cmdline
         for pid in self._daemon_pids():
-            try:
-                os.kill(pid, 0)
+            if str(self.root) in cmdline(pid):
                 left.append(f"daemon pid {pid}")
-            except ProcessLookupError:
-                pass
         return left
 
     def reset(self, netns: str | None, ctd: "Containerd | None" = None, wait: float = 5.0) -> str:

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sysutil import Cleanup, bind_mount, mount, mounts_below, run, umount, umount_all_below
+from .sysutil import Cleanup, bind_mount, mount, mounts_below, run, umount_all_below
 
 log = logging.getLogger("benchmarks.images")
 

@@ -52,10 +52,7 @@ CONVERT_ORDER = ["minbase", "python", "numpy", "node", "gcc", "pysci"]
 
 
 def _registry_class():
-    try:
-        from converter.localregistry import Registry
-    except ImportError:                          # older trees: the test helper has the same class
-        from tests.helpers.registry import Registry
+    from converter.localregistry import Registry
     return Registry
 
 
@@ -166,15 +163,16 @@ class Suite:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.out = Path(args.out) if args.out else self.workdir / "results" / stamp
         self.rows: list[dict] = []
+        resumed = 0
         if args.resume and (self.out / "results.json").exists():
             self.rows = json.loads((self.out / "results.json").read_text())
-            self.meta_resumed = len(self.rows)
+            resumed = len(self.rows)
         self.meta: dict = {"command": "python -m benchmarks.lazy_start " + " ".join(map(shlex.quote, sys.argv[1:])),
                            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "repeat": self.repeat,
                            "images": self.images, "workloads": [w.name for w in self.workloads],
                            "modes": self.modes, "links_order": self.links, "links": {}}
-        if getattr(self, "meta_resumed", None):
-            self.meta["resumed_after_runs"] = self.meta_resumed
+        if resumed:
+            self.meta["resumed_after_runs"] = resumed
         self.builder = ImageBuilder(self.workdir)
         self.extra = dict(e.split("=", 1) for e in args.extra_image)
         self.configs: dict[str, dict] = {}

@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,8 +43,8 @@ from pathlib import Path
 
 from .ctd import Containerd
 from .netshape import ShapedLink
-from .prepare import (MountedImage, chroot_env, daemon_stats, mount_lazy, run_chrooted)
-from .sysutil import Cleanup, load_average, run, run_root, stop_process, umount, umount_all_below
+from .prepare import chroot_env, daemon_stats, mount_lazy, run_chrooted
+from .sysutil import Cleanup, load_average, run, run_root, umount_all_below
 from .workloads import Workload, free_port, wait_http
 
 log = logging.getLogger("benchmarks.modes")
@@ -283,7 +281,7 @@ def _via_snapshotter(b: Bench, wl: Workload, row: dict, fsmode: str, variant: st
     res = ctr_run(b, wl, image_ref=ref, snapshotter=snap.name)
     total = res["ready_at"] - t0          # a server's teardown is not part of it
     row.update(_registry_delta(b, mark))
-    stats = snap.stats()
+    stats = trim_snapshotter_status(snap.stats(), ref)
     row.update({"runner": "snapshotter", "pull_s": t1 - t0, "create_s": res["create_s"], "ready_s": res["ready_s"],
                 "total_s": total, "output": res["output"], "daemon": _snapshotter_daemon_stats(stats),
                 "snapshotter": stats, "cold_by": how})
@@ -291,6 +289,18 @@ def _via_snapshotter(b: Bench, wl: Workload, row: dict, fsmode: str, variant: st
     row["rerun_s"] = again["ready_s"]
     b.ctd.remove_all()
     return row
+
+
+def trim_snapshotter_status(st: dict, ref: str | None = None) -> dict:
+    """What the report needs of `nydus-snapshotter status --json`: the image and mount of `ref`."""
+    keep_i = ("ref", "status", "detail", "bytes_fetched")
+    keep_m = ("image", "mode", "state", "restarts", "error", "bytes_fetched", "requests", "bytes_read",
+              "cache_bytes", "chunks_fetched", "prefetch")
+    images = [i for i in st.get("images") or [] if ref is None or i.get("ref") == ref]
+    mounts = [m for m in st.get("mounts") or [] if ref is None or m.get("image") == ref]
+    return {"images": [{k: i.get(k) for k in keep_i} for i in images],
+            "mounts": [{k: m.get(k) for k in keep_m} for m in mounts],
+            **({"error": st["error"]} if "error" in st else {})}
 
 
 def _snapshotter_daemon_stats(st: dict) -> dict:

@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     px.add_argument("--listen", required=True)
     px.add_argument("--upstream", required=True)
     px.add_argument("--rtt-ms", type=float, default=4.0)
-    sp = sub.add_parser("links", help="list the link presets")
+    sub.add_parser("links", help="list the link presets")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "links":

@@ -97,10 +97,13 @@ def render(rows: list[dict], meta: dict) -> str:
     L.append("# Lazy-start benchmark\n")
     L.append(f"Command: `{meta.get('command', '?')}`  ")
     env = meta.get("environment", {})
-    L.append(f"Taken {meta.get('started', '?')} – {meta.get('finished', '?')} on {env.get('host', '?')} "
-             f"({env.get('cpus', '?')} vCPU, kernel {env.get('kernel', '?')}); load average "
-             f"{env.get('load_start', '?')} at start, {env.get('load_end', '?')} at end "
-             f"(median 1-min load during runs: {_f(median([r.get('load_1m') for r in rows]))}).  ")
+    starts = sorted(r["started"] for r in rows if r.get("started"))
+    first, last = (starts[0].replace("T", " "), starts[-1].replace("T", " ")) if starts else ("?", "?")
+    resumed = f" (continued with --resume after {meta['resumed_after_runs']} runs)" if meta.get("resumed_after_runs") else ""
+    L.append(f"Runs from {first} to {last}{resumed} on {env.get('host', '?')} "
+             f"({env.get('cpus', '?')} vCPU, kernel {env.get('kernel', '?')}), shared with other sessions: "
+             f"1-min load average at the runs' starts median {_f(median([r.get('load_1m') for r in rows]))}, "
+             f"max {_f(max([r.get('load_1m') or 0 for r in rows] or [0]))}.  ")
     L.append(f"Repeats: {meta.get('repeat', '?')} (medians shown). Runner for pynydus modes: "
              f"**{meta.get('runner', '?')}** ({meta.get('runner_note', '')}). Baseline (a): containerd "
              f"{env.get('containerd', '?')} overlayfs, `ctr images pull` + `ctr run` (fetch all, then unpack).  ")
@@ -136,7 +139,7 @@ def render(rows: list[dict], meta: dict) -> str:
                     extra = []
                     if m != "overlayfs" and bt:
                         extra.append(f"{bt / t:.1f}×")
-                    if m in LAZY and m != "warm" and lim:
+                    if m in LAZY and m not in ("warm", "p2p") and lim:   # p2p fetches from a LAN peer
                         extra.append(f"{t / lim:.2f}× lim")
                     cells.append(f"**{t:.2f}**" + (f" ({', '.join(extra)})" if extra else ""))
             cells.append(_f(lim))
@@ -188,7 +191,7 @@ def _goals(summ, link, pairs, bps) -> list[str]:
         base = summ.get((link, image, wl, "overlayfs"), {})
         lim = physical_limit(summ, link, image, wl, bps)
         bt = base.get("total_s")
-        for m in ("fuse", "erofs", "fuse+prefetch", "erofs+prefetch"):
+        for m in ("fuse", "erofs", "fuse+prefetch", "erofs+prefetch", "warm", "p2p"):
             s = summ.get((link, image, wl, m))
             if s and s["n"] and bt:
                 ok = s["total_s"] <= bt

@@ -276,8 +276,22 @@ def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
-def kill_pid(pid: int, *, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
-    """Terminate one process we started (by pid), escalating to SIGKILL."""
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def kill_pid(pid: int, *, expect: str, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """Terminate one process we started (by pid), escalating to SIGKILL.
+
+    pids are recycled quickly here (pid_max 32768): a pid read from a file is only signalled while
+    its command line still contains `expect` (a path only our process has in its arguments).
+    """
+    if not expect or expect not in cmdline(pid):
+        return
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
@@ -294,10 +308,11 @@ def kill_pid(pid: int, *, timeout: float = 10.0, sig: int = signal.SIGTERM) -> N
             except ProcessLookupError:
                 return
         time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    if expect in cmdline(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
