@@ -137,9 +137,17 @@ def render_stats(st: dict) -> str:
         f"fetched, {st['verify_failures']} failed verification",
         f"latency     p50 {lat.get('p50', 0)} ms, p90 {lat.get('p90', 0)} ms, p99 {lat.get('p99', 0)} ms, "
         f"max {lat.get('max', 0)} ms ({lat.get('count', 0)} fetches)",
+        _render_link(st.get("link") or {}),
         f"cache       {_mb(cache.get('disk_bytes', 0))} on disk, {cache.get('chunks_ready', 0)}/"
         f"{cache.get('chunks_total', 0)} chunks of open blobs ready; served {_mb(st['bytes_read'])}",
     ])
+
+
+def _render_link(link: dict) -> str:
+    if link.get("latency_ms") is None:
+        return f"link        not measured yet; a miss is widened to {_mb(link.get('amplify_bytes', 0))}"
+    return (f"link        {link['latency_ms']:.1f} ms + {link['bandwidth_mbit']:.0f} Mbit/s per request "
+            f"(fit of {link['samples']} fetches); a miss is widened to {_mb(link['amplify_bytes'])}")
 
 
 COMMANDS = {"mount": _mount, "umount": _umount, "stats": _stats}

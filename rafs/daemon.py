@@ -53,9 +53,10 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "fuse", "erofs")
 # Blob cache settings for mounts (rafs.storage.factory.CacheConfig keywords): no blind readahead
-# in the cache (a small read fetches only the chunks it covers; RafsFs reads ahead of
-# sequential streams instead), and big merged requests for those streams.
-MOUNT_CACHE_OPTIONS = {"readahead": False, "merge_size": 4 << 20}
+# to merge_size in the cache; a miss is widened over the chunks after it by the link's measured
+# bandwidth-delay product (neighbours in a blob are usually read next; amplify.py); RafsFs reads
+# ahead of sequential streams, with big merged requests.
+MOUNT_CACHE_OPTIONS = {"readahead": False, "amplify": "auto", "merge_size": 4 << 20}
 
 
 # --------------------------------------------------------------------------- mode
@@ -288,6 +289,7 @@ class MountDaemon:
         out["backend_bytes"] = sum(s.get("bytes", 0) for s in m.get("sources", {}).values())
         out["requests_served"] = self.fs.counters.snapshot()
         out["cache"] = st["totals"]
+        out["link"] = st["link"]
         out["image_bytes"] = sum(b.compressed_size for b in self.boot.meta.blobs)
         out["storage"] = st
         return out

@@ -94,7 +94,8 @@ class CacheConfig:
     dir: str
     merge_size: int = DEFAULT_MERGE_SIZE       # max compressed bytes per merged range request
     max_inflight: int = DEFAULT_MAX_INFLIGHT   # parallel backend requests per blob
-    readahead: bool = True
+    readahead: bool = True                     # widen a miss up to merge_size (else by `amplify`)
+    amplify: int | str = 0                     # widen a miss by this many bytes, or "auto" (measured)
     flush_interval: float = DEFAULT_FLUSH_INTERVAL
     flush_chunks: int = DEFAULT_FLUSH_CHUNKS
 
@@ -165,7 +166,7 @@ def build_cache_manager(cfg: CacheConfig, backend: BlobBackend, *,
     """A CacheManager over `backend` (which it then owns and closes)."""
     return CacheManager(os.path.abspath(cfg.dir), backend, metrics=metrics,
                         merge_size=cfg.merge_size, max_inflight=cfg.max_inflight,
-                        readahead=cfg.readahead, flush_interval=cfg.flush_interval,
+                        readahead=cfg.readahead, amplify=cfg.amplify, flush_interval=cfg.flush_interval,
                         flush_chunks=cfg.flush_chunks)
 
 

@@ -273,6 +273,29 @@ class CacheConformance:
             c.read(e.uncompressed_offset, 10)           # read ahead: already there
             assert cache_env.data_calls() == []
 
+    def test_amplify_widens_a_miss_over_the_next_missing_chunks_only(self, cache_env: CacheEnv):
+        blob = cache_env.blob
+        e = blob.entries
+        with cache_env.open(readahead=False, amplify=0) as c:
+            cache_env.spy.reset()
+            c.read(e[10].uncompressed_offset, 10)
+            (_, off, size), = cache_env.data_calls()        # amplify 0: exactly the chunk read
+            assert (off, size) == (e[10].compressed_offset, e[10].compressed_size)
+        limit = e[0].compressed_size + e[1].compressed_size + e[2].compressed_size // 2
+        with cache_env.open(readahead=False, amplify=limit) as c:
+            cache_env.spy.reset()
+            assert c.read(e[0].uncompressed_offset, 10) == blob.view[e[0].uncompressed_offset:][:10]
+            (_, off, size), = cache_env.data_calls()        # chunks 0 and 1 fit, 2 does not
+            assert off == e[0].compressed_offset and size == e[1].compressed_end - off
+            c.read(e[4].uncompressed_offset, 10)            # 4 (and 5) ready now
+            cache_env.spy.reset()
+            c.read(e[3].uncompressed_offset, 10)            # widening stops at the ready chunk 4
+            (_, off, size), = cache_env.data_calls()
+            assert (off, size) == (e[3].compressed_offset, e[3].compressed_size)
+            cache_env.spy.reset()
+            assert c.read(e[1].uncompressed_offset, 10) == blob.view[e[1].uncompressed_offset:][:10]
+            assert cache_env.data_calls() == []             # amplified chunks are verified and kept
+
     def test_concurrent_readers_get_correct_bytes_and_each_chunk_is_fetched_once(
             self, cache_env: CacheEnv):
         blob = cache_env.blob

@@ -59,9 +59,11 @@ Trust and faults:
 Fetching:
 
 * Missing chunks adjacent in the blob are fetched with one range request of
-  at most `merge_size` compressed bytes; with `readahead`, a read that misses
-  extends its last request over the following missing chunks up to
-  `merge_size`.
+  at most `merge_size` compressed bytes. A read that misses extends its last
+  request over the following missing chunks (neighbours in the blob are
+  usually read next): up to `merge_size` with `readahead`, else up to
+  `amplify` bytes: a number, or "auto" for the backend's measured
+  bandwidth-delay product (amplify.py), or 0 for not at all.
 * Thread-safe. A chunk being fetched is in an in-flight map; other readers of
   it wait for that fetch and get its result or its error (one fetch per
   chunk). At most `max_inflight` backend requests per blob run at a time; a
@@ -99,6 +101,7 @@ from rafs.errors import BackendError, FormatError, IntegrityError, RafsError
 
 from ..backend.base import BlobBackend, normalize_blob_id
 from ..metrics import StorageMetrics
+from .amplify import FetchCostModel
 from .state import ChunkMap, write_atomic
 
 log = logging.getLogger(__name__)
@@ -204,14 +207,16 @@ class BlobCache:
 
     def __init__(self, cache_dir: str | os.PathLike, info, backend: BlobBackend, *,
                  merge_size: int = DEFAULT_MERGE_SIZE, max_inflight: int = DEFAULT_MAX_INFLIGHT,
-                 readahead: bool = True, metrics: StorageMetrics | None = None,
-                 gate: DemandGate | None = None, flush_interval: float = DEFAULT_FLUSH_INTERVAL,
-                 flush_chunks: int = DEFAULT_FLUSH_CHUNKS):
+                 readahead: bool = True, amplify: int | str = 0, metrics: StorageMetrics | None = None,
+                 gate: DemandGate | None = None, cost_model: FetchCostModel | None = None,
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL, flush_chunks: int = DEFAULT_FLUSH_CHUNKS):
         if not MERGE_SIZE_MIN <= merge_size <= MERGE_SIZE_MAX:
             raise ValueError(f"merge_size must be {MERGE_SIZE_MIN}..{MERGE_SIZE_MAX} bytes, "
                              f"got {merge_size}")
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+        if amplify != "auto" and not (isinstance(amplify, int) and amplify >= 0):
+            raise ValueError(f"amplify must be a number of bytes >= 0 or 'auto', got {amplify!r}")
         if flush_interval <= 0 or flush_chunks < 1:
             raise ValueError("flush_interval must be > 0 and flush_chunks >= 1")
         self.blob_id = normalize_blob_id(info.blob_id)
@@ -220,6 +225,8 @@ class BlobCache:
         self.merge_size = merge_size
         self.max_inflight = max_inflight
         self.readahead = readahead
+        self.amplify = amplify
+        self.cost_model = cost_model if cost_model is not None else FetchCostModel()
         self.metrics = metrics if metrics is not None else StorageMetrics(backend.source_stats)
         self.gate = gate if gate is not None else DemandGate()
         self.flush_interval = flush_interval
@@ -548,7 +555,7 @@ class BlobCache:
                             misses += first
                             missing.append(i)
                     if missing:
-                        batches = self._plan(missing, readahead=urgent and self.readahead)
+                        batches = self._plan(missing, widen=self._widen_limit() if urgent else 0)
                 first = False
                 if not (checks or waits or batches):
                     break
@@ -575,8 +582,17 @@ class BlobCache:
                     raise error
         return mem, hits, misses
 
-    def _plan(self, missing: list[int], *, readahead: bool) -> list[tuple[list[int], _Pending]]:
-        """Group sorted missing chunk indices into merged requests and mark them in flight (locked)."""
+    def _widen_limit(self) -> int:
+        """Compressed bytes a demand request may grow to over the missing chunks after it."""
+        if self.readahead:
+            return self.merge_size
+        if self.amplify == "auto":
+            return min(self.merge_size, self.cost_model.amplify_bytes())
+        return min(self.merge_size, self.amplify)
+
+    def _plan(self, missing: list[int], *, widen: int) -> list[tuple[list[int], _Pending]]:
+        """Group sorted missing chunk indices into merged requests and mark them in flight (locked);
+        the last request grows over the following missing chunks up to `widen` bytes."""
         groups: list[list[int]] = []
         size = 0
         for i in missing:
@@ -587,11 +603,11 @@ class BlobCache:
             else:
                 groups.append([i])
                 size = c
-        if readahead and groups:
+        if widen and groups:
             last = groups[-1]
             j = last[-1] + 1
             while (j < len(self.toc) and self._state[j] == MISSING and j not in self._inflight
-                   and size + self.toc[j].compressed_size <= self.merge_size):
+                   and size + self.toc[j].compressed_size <= widen):
                 last.append(j)
                 size += self.toc[j].compressed_size
                 j += 1
@@ -641,6 +657,8 @@ class BlobCache:
                     continue
                 self._store(i, e, plain)
                 p.results[i] = plain
+            # what a request of this size costs until its bytes are usable (sizes the next widening)
+            self.cost_model.observe(length, time.monotonic() - t0)
         except BaseException as err:
             for i in batch:
                 p.results.setdefault(i, err)
@@ -992,8 +1010,9 @@ class CacheManager:
     """One `BlobCache` per blob of a mount, over one backend, sharing metrics and the demand gate.
 
     Owns the backend (closed by `close()`) unless `owns_backend=False`. Options
-    (`merge_size`, `max_inflight`, `readahead`, `flush_interval`,
-    `flush_chunks`) are passed to every BlobCache.
+    (`merge_size`, `max_inflight`, `readahead`, `amplify`, `flush_interval`,
+    `flush_chunks`) are passed to every BlobCache; the blobs share one
+    FetchCostModel (they share the backend and its link).
     """
 
     def __init__(self, cache_dir: str | os.PathLike, backend: BlobBackend, *,
@@ -1003,6 +1022,7 @@ class CacheManager:
         self.backend = backend
         self.metrics = metrics if metrics is not None else StorageMetrics(backend.source_stats)
         self.gate = DemandGate()
+        self.cost_model = FetchCostModel()
         self._options = cache_options
         self._owns_backend = owns_backend
         self._lock = threading.Lock()
@@ -1031,7 +1051,7 @@ class CacheManager:
             return pending.result()            # the other opener's BlobCache, or its error
         try:
             cache = BlobCache(self.dir, info, self.backend, metrics=self.metrics,
-                              gate=self.gate, **self._options)
+                              gate=self.gate, cost_model=self.cost_model, **self._options)
         except BaseException as e:
             with self._lock:
                 del self._opening[blob_id]
@@ -1074,7 +1094,8 @@ class CacheManager:
                 "bytes_ready", "chunks_inflight")
         totals = {k: sum(u[k] for u in blobs.values()) for k in keys}
         totals["blobs"] = len(blobs)
-        return {"metrics": self.metrics.snapshot(), "blobs": blobs, "totals": totals}
+        return {"metrics": self.metrics.snapshot(), "blobs": blobs, "totals": totals,
+                "link": self.cost_model.snapshot()}
 
     def close(self) -> None:
         with self._lock:
