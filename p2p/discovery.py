@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import requests
 
 from .node import PeerNode
-from .peerclient import PeerClient, PeerError
+from .peerclient import PeerClient, PeerError, http_session
 from .protocol import API_PREFIX, normalize_addr
 from .ranges import RangeSet
 from .tracker import DEFAULT_CLAIM_TTL, DEFAULT_INTERVAL
@@ -81,10 +81,7 @@ class TrackerDiscovery(Discovery):
         self.claim_ttl = claim_ttl
         self.timeout = (connect_timeout, read_timeout)
         self.down_backoff = down_backoff
-        self._session = requests.Session()
-        self._session.trust_env = False
-        self._session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=32,
-                                                                     max_retries=0))
+        self._session = http_session()
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._epoch: str | None = None

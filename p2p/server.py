@@ -18,12 +18,11 @@ import logging
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs
 
-from .httpbase import HTTPServer
+from .httpbase import Handler, HTTPServer
 from .node import PeerNode
-from .protocol import API_PREFIX, MAX_REQUEST, MAX_WAIT, pack_frame
+from .protocol import API_PREFIX, FRAME_SIZE, MAX_REQUEST, MAX_WAIT, pack_frame
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +75,12 @@ class UploadStats:
                     "busy": self.busy, "waits": self.waits, "active": self.active}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(Handler):
     server_version = "nydus-peer/1"
     svc: "PeerServer"
 
-    def log_message(self, fmt, *args):
-        log.debug("%s %s", self.address_string(), fmt % args)
-
     def _json(self, code: int, obj, headers: dict | None = None) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+        self.reply(code, "application/json", json.dumps(obj).encode(), headers=headers)
 
     def do_GET(self) -> None:
         svc = self.svc
@@ -140,17 +128,18 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(503, {"error": "upload slots full"}, {"Retry-After": "1"})
         svc.stats.add(active=1)
         try:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(32 + size))
-            self.end_headers()
-            self.wfile.write(pack_frame(offset, data))
+            frame = pack_frame(offset, data)
             view = memoryview(data)
-            for pos in range(0, size, _SEND_PIECE):
-                piece = view[pos:pos + _SEND_PIECE]
+            step = _SEND_PIECE if svc.bucket is not None else size   # paced, or all at once
+            for pos in range(0, size, step):
+                piece = view[pos:pos + step]
                 if svc.bucket is not None:
                     svc.bucket.take(len(piece))
-                self.wfile.write(piece)
+                if pos == 0:                  # headers, frame and the first piece: one write
+                    self.reply(200, "application/octet-stream", frame, piece,
+                               length=FRAME_SIZE + size)
+                else:
+                    self.wfile.write(piece)
             svc.stats.add(bytes=size)
         finally:
             svc.stats.add(active=-1)
@@ -175,6 +164,11 @@ class PeerServer:
     @property
     def address(self) -> str:
         return self._httpd.address
+
+    @property
+    def accepted(self) -> int:
+        """Connections accepted so far (peers reuse keep-alive connections: few per peer)."""
+        return self._httpd.accepted
 
     def start(self) -> "PeerServer":
         self._httpd.start("p2p-peer-server")

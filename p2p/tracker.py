@@ -44,12 +44,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Callable
 
 from rafs.storage.backend.base import normalize_blob_id
 
-from .httpbase import HTTPServer
+from .httpbase import Handler, HTTPServer
 from .protocol import API_PREFIX, normalize_addr
 from .ranges import RangeSet
 
@@ -240,21 +239,12 @@ def _node_fields(body: dict) -> tuple[str, str | None, float]:
     return node, addr, float(ttl)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(Handler):
     server_version = "nydus-peer-tracker/1"
     state: TrackerState                        # set on the subclass made per server
 
-    def log_message(self, fmt, *args):          # access log to the logger, not stderr
-        log.debug("%s %s", self.address_string(), fmt % args)
-
     def _reply(self, code: int, obj) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.reply(code, "application/json", json.dumps(obj).encode())
 
     def _body(self) -> dict:
         n = int(self.headers.get("Content-Length") or 0)
