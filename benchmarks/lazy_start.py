@@ -43,7 +43,7 @@ from .workloads import DEFAULT_WORKLOADS, QUICK_WORKLOADS, WORKLOADS, Workload, 
 
 log = logging.getLogger("benchmarks.lazy_start")
 REPO = "bench"
-RECORD_VERSION = 2          # bump when record_workload's method changes
+RECORD_VERSION = 3          # bump when record_workload's method changes (3: ranged prefetch lists)
 # --chunk-dict per image: its parent, except pysci, whose scipy layer carries gcc (python3-pythran
 # depends on it) and so shares chunks with the gcc image; its own parents' layers are identical blobs
 # anyway.  Converted in CONVERT_ORDER so every dict exists first.

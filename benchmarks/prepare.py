@@ -8,7 +8,8 @@
   chrooted, under strace) and reads back what it touched from the page cache
   of the read-only mount (mmap + mincore on every regular file: with a fresh
   mount, a resident page is a page the workload read).  From that: the files
-  it opened in first-use order (the `--prefetch-patterns` list), the bytes it
+  it opened in first-use order with the byte ranges of the pages it touched
+  (the `--prefetch-patterns` list, `PATH<TAB>OFF+LEN,...`), the bytes it
   read (page level, default readahead), and the chunks those pages live in,
   uncompressed and compressed (the physical limit's numerator), from the
   bootstrap and the blobs' TOCs.
@@ -258,6 +259,28 @@ def trace_order(trace: Path, merged: Path) -> list[str]:
     return out
 
 
+def page_ranges(size: int, pages: list[int]) -> list[tuple[int, int]]:
+    """Byte ranges (offset, length) of runs of consecutive resident pages, clipped to `size`."""
+    runs: list[list[int]] = []
+    for pg in sorted(pages):
+        if runs and runs[-1][1] == pg:
+            runs[-1][1] = pg + 1
+        else:
+            runs.append([pg, pg + 1])
+    return [(a * PAGE, min(b * PAGE, size) - a * PAGE) for a, b in runs if a * PAGE < size]
+
+
+def prefetch_line(path: str, size: int, pages: list[int]) -> str | None:
+    """A --prefetch-patterns line for the pages of `path` the workload touched: the whole file as
+    PATH, else PATH<TAB>OFFSET+LENGTH,...; None for a name the file format cannot carry."""
+    if "\t" in path or "\n" in path or "\r" in path:
+        return None
+    ranges = page_ranges(size, pages)
+    if ranges == [(0, size)]:
+        return path
+    return path + "\t" + ",".join(f"{o}+{n}" for o, n in ranges)
+
+
 def chunk_costs(ref: str, touched: dict[str, tuple[int, list[int]]]) -> dict:
     """Chunks holding the touched pages: count, uncompressed and compressed bytes (registry's view)."""
     from converter.nydus_image import open_nydus_image
@@ -270,14 +293,8 @@ def chunk_costs(ref: str, touched: dict[str, tuple[int, list[int]]]) -> dict:
             nid = boot.resolve(path.encode("utf-8", "surrogateescape"))
             if nid is None:
                 continue
-            runs = []
-            for pg in pages:
-                if runs and runs[-1][1] == pg:
-                    runs[-1][1] = pg + 1
-                else:
-                    runs.append([pg, pg + 1])
-            for a, b in runs:
-                for ext in boot.file_extents(nid, a * PAGE, (b - a) * PAGE):
+            for off, length in page_ranges(size, pages):
+                for ext in boot.file_extents(nid, off, length):
                     if ext.blob_index < 0:
                         continue
                     rd = readers.get(ext.blob_index)
@@ -331,7 +348,10 @@ def record_workload(ref: str, wl: Workload, config: dict, base: Path, out_dir: P
         shutil.rmtree(run_root() / "record", ignore_errors=True)
     rest = sorted((p for p in touched if p not in set(order)), key=lambda p: -len(touched[p][1]))
     # exec'd binaries and the ELF interpreter never show as opens, and run first: put them first
-    prefetch = [p for p in rest] + [p for p in order if p in touched]
+    # Only the touched pages of each file (merged into ranges): whole files over-fetch a lot
+    # (a 47 MB libnode.so of which a few MB are read).
+    lines = (prefetch_line(p, *touched[p]) for p in rest + [p for p in order if p in touched])
+    prefetch = [line for line in lines if line is not None]
     read_bytes = sum(min(size, len(pages) * PAGE) for size, pages in touched.values())
     rec = {
         "ref": ref, "workload": wl.name, "image": wl.image, "mode": mode, "read_ahead_kb": 0 if ra is not None else None,

@@ -40,7 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--compressor", choices=["zstd", "lz4", "none"], default="zstd")
     c.add_argument("--digester", choices=["sha256", "blake3"], default="sha256")
     c.add_argument("--chunk-dict", help="a converted image (REF) or bootstrap file whose chunks are reused")
-    c.add_argument("--prefetch-patterns", help="file listing paths (one per line) to fetch first at mount")
+    c.add_argument("--prefetch-patterns", metavar="FILE",
+                   help="paths to fetch first at mount, one per line: PATH (a file, or a directory: every "
+                        "file below) or PATH<TAB>OFFSET+LENGTH,... (byte ranges of a file); their chunks "
+                        "go first in the blobs, in this order")
     c.add_argument("--all-platforms", action="store_true", help="convert every platform (the default for an index)")
     common(c)
 

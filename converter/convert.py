@@ -25,7 +25,7 @@ from .chunkdict import load_chunk_dict
 from .layer import LayerReader, LayerTree, buffered
 from .merge import merge_layers
 from .pack import ChunkDict, ChunkStage, PackedBlob, pack_blobs, resolve_chunks
-from .prefetch import expand_prefetch
+from .prefetch import as_patterns, expand_prefetch, prefetch_digests
 from .progress import Progress
 from .store import Descriptor, ImageStore, Platform, open_store
 
@@ -36,7 +36,7 @@ class ConvertOptions:
     compressor: str = "zstd"
     digester: str = "sha256"
     chunk_dict: str | None = None
-    prefetch_patterns: list[str] = field(default_factory=list)
+    prefetch_patterns: list = field(default_factory=list)   # pattern lines (str) or prefetch.Pattern
     platform: str | None = None          # None: every platform of an index
     plain_http: bool = False
     workers: int = max(2, os.cpu_count() or 2)
@@ -54,6 +54,7 @@ class ConvertedManifest:
 
 def convert(source: str, target: str, opts: ConvertOptions) -> list[ConvertedManifest]:
     rblob.validate_chunk_size(opts.chunk_size)
+    as_patterns(opts.prefetch_patterns)      # a malformed line fails now, not after the layers are read
     with open_store(source, plain_http=opts.plain_http) as src, \
             open_store(target, plain_http=opts.plain_http, create=True) as dst, \
             tempfile.TemporaryDirectory(prefix="nydusify-") as workdir, \
@@ -113,10 +114,12 @@ def _convert_manifest(src: ImageStore, dst: ImageStore, desc: Descriptor, platfo
         trees = list(layer_pool.map(read_layer, range(len(layers))))
     progress.done()
     root = merge_layers(trees)
-    own, owner = pack_blobs(stages, workdir, opts.compressor, opts.digester, chunk_dict)
+    prefetch = expand_prefetch(root, opts.prefetch_patterns)
+    own, owner = pack_blobs(stages, workdir, opts.compressor, opts.digester, chunk_dict,
+                            head=prefetch_digests(root, prefetch, opts.chunk_size))
     table = resolve_chunks(root, own, owner, chunk_dict)
     meta = RafsMeta(chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
-                    blobs=[b.info for b in table], prefetch=expand_prefetch(root, opts.prefetch_patterns))
+                    blobs=[b.info for b in table], prefetch=prefetch)
     boot_path = os.path.join(workdir, "image.boot")
     with open(boot_path, "wb") as f:
         write_bootstrap(root, meta, f)

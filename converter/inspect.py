@@ -47,13 +47,19 @@ def summarize(image: NydusImage) -> dict:
                   "ratio": round(referenced / stored, 3) if stored else 1.0},
         "blobs": [{"id": b.blob_id, "compressed_size": b.compressed_size, "uncompressed_size": b.uncompressed_size,
                    "chunks": b.chunk_count, "compressor": b.compressor} for b in meta.blobs],
-        "prefetch": [p.decode("utf-8", "backslashreplace") for p in meta.prefetch],
+        "prefetch": [_prefetch_line(e) for e in meta.prefetch],
     }
     if image.manifest:
         out["layers"] = [{"digest": l["digest"], "size": l["size"], "mediaType": l["mediaType"],
                           "kind": "bootstrap" if "nydus-bootstrap" in str(l.get("annotations")) else "blob"}
                          for l in image.manifest["layers"]]
     return out
+
+
+def _prefetch_line(e) -> str:
+    """An entry as a --prefetch-patterns line: PATH, or PATH<TAB>OFFSET+LENGTH,..."""
+    path = e.path.decode("utf-8", "backslashreplace")
+    return path if e.ranges is None else path + "\t" + ",".join(f"{o}+{n}" for o, n in e.ranges)
 
 
 def _inodes(boot: Bootstrap):

@@ -5,6 +5,10 @@ staging file. Then, in layer order, `pack_blobs` writes the final blobs by
 copying compressed bytes: a chunk goes into the blob of the lowest layer that
 has it, unless a chunk dict already holds it. Output is therefore the same
 whatever order the layers finished in, and nothing is compressed twice.
+
+With a prefetch list, each blob starts with the chunks it owns that the list
+reads, in list order, then the rest in staging order: the mount's prefetch is
+then one contiguous run per blob, i.e. a few large range requests.
 """
 from __future__ import annotations
 
@@ -96,9 +100,11 @@ class ChunkDict:
 
 
 def pack_blobs(stages: list[ChunkStage], workdir: str, compressor: str, digester: str,
-               chunk_dict: ChunkDict | None = None) -> tuple[list[PackedBlob], dict[bytes, tuple[str, int]]]:
+               chunk_dict: ChunkDict | None = None, head: list[bytes] = ()
+               ) -> tuple[list[PackedBlob], dict[bytes, tuple[str, int]]]:
     """Write one blob per layer holding the chunks no lower layer or dict holds.
 
+    `head`: digests to put first in whichever blob owns them, in this order (the prefetch list's).
     Returns the blobs this conversion made and `owner`: digest -> (blob id, offset).
     Layers that add no chunk get no blob.
     """
@@ -109,7 +115,7 @@ def pack_blobs(stages: list[ChunkStage], workdir: str, compressor: str, digester
         placed: list[tuple[bytes, int]] = []
         with open(stage.path, "rb") as src, open(tmp, "wb") as out:
             writer = rblob.BlobWriter(out, compressor=compressor, digester=digester)
-            for sc in stage.chunks:
+            for sc in _head_first(stage.chunks, head):
                 if sc.digest in owner:
                     continue
                 src.seek(sc.offset)
@@ -126,6 +132,16 @@ def pack_blobs(stages: list[ChunkStage], workdir: str, compressor: str, digester
         os.replace(tmp, path)
         packed.append(PackedBlob(blob_info(summary), path))
     return packed, owner
+
+
+def _head_first(chunks: list[StagedChunk], head: list[bytes]) -> list[StagedChunk]:
+    """`chunks` with those named in `head` moved to the front, in `head` order."""
+    if not head:
+        return chunks
+    by_digest = {sc.digest: sc for sc in chunks}
+    first = [by_digest[d] for d in head if d in by_digest]
+    moved = {sc.digest for sc in first}
+    return first + [sc for sc in chunks if sc.digest not in moved]
 
 
 def blob_info(summary) -> BlobInfo:

@@ -54,14 +54,23 @@ class BlobInfo:
     digester: str               # "sha256" | "blake3"
 
 
+class PrefetchEntry(NamedTuple):
+    """A file (or directory) to fetch first at mount: all of it, or `ranges` of a regular file."""
+    path: bytes                                     # absolute
+    ranges: tuple[tuple[int, int], ...] | None = None   # sorted, disjoint (offset, length); None: all
+
+
 @dataclass
 class RafsMeta:
     chunk_size: int
     compressor: str
     digester: str
     blobs: list[BlobInfo]
-    prefetch: list[bytes] = field(default_factory=list)     # absolute paths
+    prefetch: list[PrefetchEntry] = field(default_factory=list)   # a bare path (bytes) = PrefetchEntry(path)
     version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        self.prefetch = [PrefetchEntry(p) if isinstance(p, bytes) else p for p in self.prefetch]
 
 
 class Extent(NamedTuple):
@@ -115,9 +124,27 @@ def validate_meta(meta: RafsMeta) -> None:
                               "is not a 4 KiB multiple below 16 TiB")
         _choice(b.compressor, f"blob {i} compressor", COMPRESSORS)
         _choice(b.digester, f"blob {i} digester", DIGESTERS)
-    for p in meta.prefetch:
-        if not isinstance(p, bytes) or not p.startswith(b"/"):
-            raise FormatError(f"RAFS extension: prefetch entry {p!r} is not an absolute path (bytes)")
+    for e in meta.prefetch:
+        if not isinstance(e, PrefetchEntry) or not isinstance(e.path, bytes) or not e.path.startswith(b"/"):
+            raise FormatError(f"RAFS extension: prefetch entry {e!r} is not an absolute path (bytes)")
+        if e.ranges is not None:
+            _check_ranges(e)
+
+
+_MAX_OFFSET = 1 << 63
+
+
+def _check_ranges(e: PrefetchEntry) -> None:
+    # Canonical (what the converter writes): sorted, disjoint, non-empty, so one entry has one encoding.
+    if not isinstance(e.ranges, tuple) or not e.ranges:
+        raise FormatError(f"RAFS extension: prefetch entry {e.path!r}: ranges must be a non-empty tuple")
+    end = 0
+    for r in e.ranges:
+        if not (isinstance(r, tuple) and len(r) == 2 and all(type(v) is int for v in r)
+                and end <= r[0] and 0 < r[1] and r[0] + r[1] <= _MAX_OFFSET):
+            raise FormatError(f"RAFS extension: prefetch entry {e.path!r}: range {r!r} is not an "
+                              "(offset, length > 0) pair after the previous range, below 2^63")
+        end = r[0] + r[1]
 
 
 def _encode_path(p: bytes):
@@ -139,11 +166,27 @@ def _decode_path(v) -> bytes:
     raise FormatError(f"RAFS extension: bad prefetch entry {v!r}")
 
 
+def _encode_entry(e: PrefetchEntry):
+    # A whole file stays a bare path, as before ranges existed.
+    if e.ranges is None:
+        return _encode_path(e.path)
+    return {"path": _encode_path(e.path), "ranges": [list(r) for r in e.ranges]}
+
+
+def _decode_entry(v) -> PrefetchEntry:
+    if isinstance(v, dict) and set(v) == {"path", "ranges"}:
+        rs = v["ranges"]
+        if not isinstance(rs, list) or not all(isinstance(r, list) for r in rs):
+            raise FormatError(f"RAFS extension: bad prefetch ranges {rs!r}")
+        return PrefetchEntry(_decode_path(v["path"]), tuple(tuple(r) for r in rs))
+    return PrefetchEntry(_decode_path(v))
+
+
 def encode_meta(meta: RafsMeta) -> bytes:
     validate_meta(meta)
     doc = {"version": meta.version, "chunk_size": meta.chunk_size, "compressor": meta.compressor,
            "digester": meta.digester, "blobs": [asdict(b) for b in meta.blobs],
-           "prefetch": [_encode_path(p) for p in meta.prefetch]}
+           "prefetch": [_encode_entry(e) for e in meta.prefetch]}
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
@@ -164,7 +207,7 @@ def decode_meta(payload: bytes) -> RafsMeta:
             raise FormatError(f"RAFS extension: blob {i} must have exactly the fields {sorted(blob_keys)}")
         blobs.append(BlobInfo(**b))
     meta = RafsMeta(chunk_size=doc["chunk_size"], compressor=doc["compressor"], digester=doc["digester"],
-                    blobs=blobs, prefetch=[_decode_path(p) for p in doc["prefetch"]],
+                    blobs=blobs, prefetch=[_decode_entry(p) for p in doc["prefetch"]],
                     version=doc["version"])
     validate_meta(meta)
     return meta

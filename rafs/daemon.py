@@ -244,14 +244,14 @@ class MountDaemon:
         }).start()
 
     def _start_prefetch(self) -> None:
-        paths = list(self.boot.meta.prefetch)
-        if not paths and not self.cfg.prefetch_all:
+        entries = list(self.boot.meta.prefetch)
+        if not entries and not self.cfg.prefetch_all:
             return
 
         def work():
             try:
                 self.prefetch_state = "running"
-                futures = self.fs.prefetch(paths) if paths else []
+                futures = self.fs.prefetch(entries) if entries else []
                 if self.cfg.prefetch_all:
                     futures += self.fs.prefetch_all()
                 for f in futures:
@@ -285,7 +285,9 @@ class MountDaemon:
         out = self.describe()
         out.update({k: m[k] for k in ("bytes_fetched", "requests", "request_errors", "chunks_fetched",
                                        "chunks_hit", "chunks_missed", "verify_failures",
-                                       "prefetch_bytes", "bytes_read", "fetch_latency_ms")})
+                                       "prefetch_bytes", "prefetch_requests", "bytes_read",
+                                       "fetch_latency_ms")})
+        out["prefetch_ranged_files"] = sum(e.ranges is not None for e in self.boot.meta.prefetch)
         out["backend_bytes"] = sum(s.get("bytes", 0) for s in m.get("sources", {}).values())
         out["requests_served"] = self.fs.counters.snapshot()
         out["cache"] = st["totals"]

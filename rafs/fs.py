@@ -19,7 +19,7 @@ import threading
 from collections import defaultdict
 from typing import Iterable
 
-from .bootstrap import Bootstrap, BlobInfo
+from .bootstrap import Bootstrap, BlobInfo, PrefetchEntry
 from .erofs import layout as L
 from .errors import RafsError
 from .erofs.reader import InodeInfo
@@ -42,6 +42,7 @@ class RafsFs:
         self._blob_caches: list = [None] * len(self.blobs)
         self.counters = ReadCounters()
         self.readahead = Readahead()
+        self._prefetch_end: dict[int, int] = {}    # blob -> end of the view ranges prefetch fetches
 
     # ------------------------------------------------------------------ names
     def resolve(self, path: bytes) -> int | None:
@@ -113,9 +114,13 @@ class RafsFs:
         if offset >= end:
             return b""
         self.counters.add(end - offset)
-        # A blob holds many files: only a long run (a big file read in order) reads ahead.
+        # A blob holds many files: only a long run (a big file read in order) reads ahead. Inside
+        # the prefetched head of a blob it stops at the head's end: past it lie chunks the
+        # prefetch list did not ask for (the workload reading the head in list order is a "stream").
+        limit = self.blobs[index].uncompressed_size
+        head = self._prefetch_end.get(index, 0)
         ahead = self.readahead.advance(("blob", index), offset, end - offset,
-                                       self.blobs[index].uncompressed_size, min_run=BLOB_STREAM_RUN)
+                                       head if offset < head else limit, min_run=BLOB_STREAM_RUN)
         if ahead is not None:
             self._fetch_ahead(index, [ahead])
         return self._blob_bytes(index, offset, end)
@@ -154,18 +159,30 @@ class RafsFs:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # ------------------------------------------------------------------ prefetch
-    def prefetch_ranges(self, paths: Iterable[bytes]) -> dict[int, list[tuple[int, int]]]:
-        """Blob view ranges holding the files at `paths` (directories: every file below), by blob."""
+    def prefetch_ranges(self, entries: Iterable[bytes | PrefetchEntry]) -> dict[int, list[tuple[int, int]]]:
+        """Blob view ranges holding the prefetch `entries`, by blob, blobs in first-use order.
+
+        An entry is a path (a file, or a directory: every file below) or a PrefetchEntry whose
+        `ranges` name byte ranges of one regular file. Entries that are not in the image, or
+        ranges of something that is not a regular file, are skipped: a bootstrap never makes
+        the prefetch fail."""
         ranges: dict[int, list[tuple[int, int]]] = defaultdict(list)
         seen: set[int] = set()
-        for path in paths:
+        for entry in entries:
+            path, spans = (entry, None) if isinstance(entry, bytes) else entry
             nid = self.resolve(path)
             if nid is None:
                 log.debug("prefetch: %r is not in the image", path)
                 continue
-            for fnid in self._files_under(nid, seen):
-                size = self.boot.getattr(fnid).size
-                for ext in self.boot.file_extents(fnid, 0, size):
+            if spans is None:
+                pieces = [(f, 0, self.boot.getattr(f).size) for f in self._files_under(nid, seen)]
+            elif self.boot.getattr(nid).is_reg():
+                pieces = [(nid, off, length) for off, length in spans]
+            else:
+                log.debug("prefetch: %r has byte ranges but is not a regular file", path)
+                continue
+            for fnid, off, length in pieces:
+                for ext in self.boot.file_extents(fnid, off, length):    # clipped to the file's size
                     if ext.blob_index >= 0:
                         ranges[ext.blob_index].append((ext.blob_offset, ext.length))
         return {i: _merge(r) for i, r in ranges.items()}
@@ -183,10 +200,14 @@ class RafsFs:
             elif info.is_dir():
                 stack.extend(child for _, child, _ in reversed(self.boot.readdir(n)))
 
-    def prefetch(self, paths: Iterable[bytes], *, low_priority: bool = True) -> list:
-        """Start background fetches of the files at `paths`; returns the caches' Futures."""
+    def prefetch(self, entries: Iterable[bytes | PrefetchEntry], *, low_priority: bool = True) -> list:
+        """Start background fetches of the prefetch `entries`; returns the caches' Futures.
+
+        Each blob fetches its ranges in blob order, merged into large requests; a blob
+        converted with this list holds them at its head in list order, so that is list order."""
         futures = []
-        for index, ranges in sorted(self.prefetch_ranges(paths).items()):
+        for index, ranges in self.prefetch_ranges(entries).items():
+            self._prefetch_end[index] = max(self._prefetch_end.get(index, 0), ranges[-1][0] + ranges[-1][1])
             futures.append(self.blob_cache(index).prefetch(ranges, low_priority=low_priority))
         return futures
 

@@ -471,3 +471,88 @@ def test_manifest_is_nydusify_compatible(workdir):
     r = nydusify("convert", "--source", f"oci:{target}:nydus", "--target", f"oci:{workdir / 'ep-again'}:x",
                  check=False)
     assert "already a nydus image" in r.stderr
+
+
+# --------------------------------------------------------------------------- prefetch-first layout
+
+C = AWKWARD_CHUNK
+RANGED_LIST = (f"/files/multi-5c\t{3 * C}+{C},{C}+10\n"      # two chunks, out of order: sorted
+               "/big/dup-chunks\t0+1\n"                       # one chunk (also chunks 1..3 of that file)
+               f"/files/sizes/size-{C + 1}\t{C}+100\n"         # the 1-byte tail, range clamped
+               "# the config\n/etc\n")
+
+
+@pytest.fixture(scope="module")
+def ranged_nydus(awkward_image, convert_once, tmp_path_factory):
+    lst = tmp_path_factory.mktemp("ranged") / "list.txt"
+    lst.write_text(RANGED_LIST)
+    return convert_once(awkward_image, "--chunk-size", "64K", "--prefetch-patterns", lst), lst
+
+
+def _blob_tocs(conv) -> list[list[bytes]]:
+    _, manifest, _ = read_image(conv.layout)
+    boot = bootstrap_of(conv.layout, manifest)
+    return [[e.digest for e in blob_toc(conv.layout, b.blob_id, b.toc_digest)] for b in boot.meta.blobs]
+
+
+def test_ranged_list_puts_its_chunks_first(ranged_nydus, awkward_image, convert_once, workdir, kernel_mount,
+                                           awkward_tree):
+    conv, lst = ranged_nydus
+    _, manifest, _ = read_image(conv.layout)
+    boot = bootstrap_of(conv.layout, manifest)
+    pf = [(e.path, e.ranges) for e in boot.meta.prefetch]
+    assert pf[:3] == [(b"/files/multi-5c", ((C, 10), (3 * C, C))), (b"/big/dup-chunks", ((0, 1),)),
+                      (b"/files/sizes/size-65537", ((C, 1),))]
+    assert [p for p, r in pf[3:]] == [b"/etc/hello.txt", b"/etc/layer3.txt", b"/etc/three-3"]
+    assert all(r is None for _, r in pf[3:])
+
+    # layer 1's blob starts with those chunks, in list order; the rest as without a list
+    m5 = chunk_digests(im.random(5 * C, seed=1002).read(), C)
+    dup = rdigest.digest("sha256", im.random(C, seed=7).read())
+    tail = chunk_digests(im.random(C + 1, seed=C + 1).read(), C)[1]
+    tocs, plain = _blob_tocs(conv), _blob_tocs(convert_once(awkward_image, "--chunk-size", "64K"))
+    assert tocs[0][:4] == [m5[1], m5[3], dup, tail]
+    hello = bytes.fromhex(awkward_tree[b"etc/hello.txt"].sha256)     # one chunk: its digest
+    assert any(hello in t[:8] for t in tocs)                            # at the head of its blob
+    # dedup unchanged: each blob stores the same chunks, each once
+    assert [sorted(t) for t in tocs] == [sorted(t) for t in plain] and tocs != plain
+
+    # the tree is unchanged: check, the kernel and erofs-utils agree
+    nydusify("check", "--source", awkward_image.ref, "--target", conv.ref, check=True)
+    boot_path, devices = conv.export(workdir / "export-ranged")
+    tr.assert_trees_equal(awkward_tree, tr.snapshot_tree(kernel_mount(boot_path, devices)), **tr.UMOCI_DIFF_OPTIONS)
+    assert run("fsck.erofs", *[f"--device={d}" for d in devices], boot_path, ok=False).returncode == 0
+
+    # same input, same list -> same bytes
+    again = workdir / "ranged-again"
+    nydusify("convert", "--source", awkward_image.ref, "--target", f"oci:{again}:nydus", "--chunk-size", "64K",
+             "--prefetch-patterns", lst, check=True)
+    _, m2, _ = read_image(again)
+    assert m2 == manifest
+    for layer in manifest["layers"]:
+        assert blob_path(again, layer["digest"]).read_bytes() == blob_path(conv.layout, layer["digest"]).read_bytes()
+
+    info = json.loads(nydusify("inspect", "--json", conv.ref, check=True).stdout)
+    assert info["prefetch"][0] == f"/files/multi-5c\t{C}+10,{3 * C}+{C}"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("/files/multi-5c\t0+4k", "bad range '0+4k'"),
+    ("/files/multi-5c\t12", "bad range '12'"),
+    ("/files/multi-5c\t5+0", "empty range"),
+    ("/files\t0+1", "byte ranges need a regular file, but /files is a directory"),
+    ("/links/rel\t0+1", "byte ranges need a regular file, but /links/rel is not a regular file"),
+])
+def test_bad_prefetch_lines_fail_the_conversion(line, message, awkward_image, workdir, tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"/etc\n# comment\n{line}\n")
+    target = workdir / "bad-list"
+    r = nydusify("convert", "--source", awkward_image.ref, "--target", f"oci:{target}:nydus",
+                 "--prefetch-patterns", lst, check=False)
+    assert f"nydusify convert: error: {lst}:3: {message}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "nydus" not in tr_tags(target)
+
+
+def tr_tags(layout: Path) -> list[str]:
+    from .conftest import layout_tags
+    return layout_tags(layout)

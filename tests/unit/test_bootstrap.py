@@ -4,12 +4,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import random
 import stat
 
 import pytest
 
-from rafs.bootstrap import FOOTER, BlobInfo, Bootstrap, Extent, RafsMeta, write_bootstrap
+from rafs.bootstrap import FOOTER, BlobInfo, Bootstrap, Extent, PrefetchEntry, RafsMeta, write_bootstrap
 from rafs.errors import FormatError
 from rafs.erofs.writer import write_erofs
 from rafs.tree import Inode, new_dir, walk
@@ -193,6 +194,51 @@ def test_write_rejects_bad_meta(boot, change, match):
     _, _, _, meta = boot
     with pytest.raises(FormatError, match=match):
         write_bootstrap(new_dir(), dataclasses.replace(meta, **change), io.BytesIO())
+
+
+RANGED = [PrefetchEntry(b"/files/size-1", ((0, 4096), (8192, 1))), PrefetchEntry(b"/names/caf\xe9", ((7, 3),)),
+          PrefetchEntry(b"/")]
+
+
+def test_ranged_prefetch_round_trip(boot):
+    root, blobs, _, meta = boot
+    ranged = dataclasses.replace(meta, prefetch=RANGED)
+    out = io.BytesIO()
+    write_bootstrap(root, ranged, out)
+    b = Bootstrap.from_bytes(out.getvalue())
+    assert b.meta == ranged and b.meta.prefetch == RANGED
+    off, size = _footer(out.getvalue())[3:5]
+    doc = json.loads(out.getvalue()[off:off + size])
+    # whole files stay bare paths; ranged entries are {"path", "ranges": [[offset, length]]}
+    assert doc["prefetch"] == [{"path": "/files/size-1", "ranges": [[0, 4096], [8192, 1]]},
+                               {"path": {"base64": "L25hbWVzL2NhZuk="}, "ranges": [[7, 3]]}, "/"]
+
+
+def test_old_style_prefetch_list_still_reads(boot):
+    # a bootstrap written before ranged entries: bare paths only, byte-identical to what we write now
+    root, blobs, data, meta = boot
+    off, size = _footer(data)[3:5]
+    assert json.loads(data[off:off + size])["prefetch"] == ["/files/size-1", {"base64": "L25hbWVzL2NhZuk="}, "/"]
+    assert Bootstrap.from_bytes(data).meta.prefetch == [
+        PrefetchEntry(b"/files/size-1"), PrefetchEntry(b"/names/caf\xe9"), PrefetchEntry(b"/")]
+
+
+@pytest.mark.parametrize("entry", [
+    '{"path":"/a","ranges":[]}', '{"path":"/a","ranges":[[0,0]]}', '{"path":"/a","ranges":[[-1,5]]}',
+    '{"path":"/a","ranges":[[0,1.5]]}', '{"path":"/a","ranges":[[0,true]]}', '{"path":"/a","ranges":[[0]]}',
+    '{"path":"/a","ranges":[[0,1,2]]}', '{"path":"/a","ranges":[[10,1],[0,1]]}',
+    '{"path":"/a","ranges":[[0,10],[5,1]]}', '{"path":"/a","ranges":[[9223372036854775807,2]]}',
+    '{"path":"/a","ranges":"0+1"}', '{"path":"a","ranges":[[0,1]]}', '{"path":"/a"}',
+    '{"path":"/a","ranges":[[0,1]],"x":1}', '{"path":3,"ranges":[[0,1]]}',
+])
+def test_bad_ranged_prefetch_entries_are_rejected(boot, entry):
+    _, _, data, _ = boot
+    off, size = _footer(data)[3:5]
+    doc = json.loads(data[off:off + size])
+    doc["prefetch"] = [json.loads(entry)]
+    payload = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    with pytest.raises(FormatError, match="prefetch"):
+        Bootstrap.from_bytes(_with_payload(data[:off], payload))
 
 
 @pytest.mark.parametrize("change, match", [
