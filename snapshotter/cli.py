@@ -49,15 +49,15 @@ def serve(argv: list[str]) -> int:
     if not args.no_lazy:
         from .lazy import RafsMounts
         lazy = RafsMounts(cfg)
-    sn = NydusSnapshotter(cfg.root, lazy=lazy)
+    sn = NydusSnapshotter(cfg.root, lazy=lazy, mount_at=cfg.daemon.mount_at)
     try:
         sn.recover()
     except Exception:
         log.exception("recovering lazy mounts")
     server = grpc_serve(sn, cfg.address)
     write_runtime(cfg, lazy)
-    log.info("serving containerd.services.snapshots.v1.Snapshots on %s (root %s, lazy %s)",
-             cfg.address, cfg.root, "off" if lazy is None else cfg.daemon.mode)
+    log.info("serving containerd.services.snapshots.v1.Snapshots on %s (root %s, lazy %s)", cfg.address, cfg.root,
+             "off" if lazy is None else f"{cfg.daemon.mode} mode, mounts start at {cfg.daemon.mount_at}")
     stop = threading.Event()
 
     def on_signal(signum, frame):

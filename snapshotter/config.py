@@ -14,6 +14,8 @@
     run_dir = ""                          # daemon state + API sockets (default /run/nydus-snapshotter/<hash>)
     fallback = true                       # if an image cannot be mounted lazily, pull it in full instead
     command = []                          # mount daemon launcher; default [python, -m, snapshotter.mountd]
+    mount_at = "pull"                     # pull: start an image's mount daemon when its bootstrap layer is
+                                          # unpacked (in the background); run: when its first container starts
 
     [backend]
     plain_http = []                       # registries spoken to over http ("127.0.0.1:5000"); true = all
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field, fields
 DEFAULT_ROOT = "/var/lib/nydus-snapshotter"
 DEFAULT_ADDRESS = "/run/nydus-snapshotter/snapshotter.sock"
 MODES = ("auto", "fuse", "erofs")
+MOUNT_AT = ("pull", "run")
 
 
 @dataclass
@@ -49,6 +52,7 @@ class DaemonConfig:
     run_dir: str = ""              # daemons' state (api sockets); default /run/nydus-snapshotter/<hash of root>
     fallback: bool = True          # a lazy mount that fails: download the blobs and unpack the tree instead
     command: list[str] = field(default_factory=list)   # mount daemon launcher (default: python -m snapshotter.mountd)
+    mount_at: str = "pull"         # when a nydus image's mount starts: at pull (bootstrap committed) or first run
 
 
 @dataclass
@@ -125,4 +129,6 @@ def load_config(path: str | None = None, **overrides) -> Config:
             setattr(cfg, k, v)
     if cfg.daemon.mode not in MODES:
         raise ValueError(f"daemon.mode {cfg.daemon.mode!r} is not one of {', '.join(MODES)}")
+    if cfg.daemon.mount_at not in MOUNT_AT:
+        raise ValueError(f"daemon.mount_at {cfg.daemon.mount_at!r} is not one of {', '.join(MOUNT_AT)}")
     return cfg

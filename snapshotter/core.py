@@ -18,6 +18,14 @@ The lazy path (see snapshots.py for the contract):
 * An active/view snapshot whose parent chain holds a bootstrap snapshot gets
   the bootstrap's RAFS mount (lazy.py: one mount daemon per image) as the
   lowerdir in place of the bootstrap and the blob layers below it.
+* With ``mount_at="pull"`` (the default) that mount is started when the
+  bootstrap snapshot is committed, in a background thread, so Commit returns at
+  once and the daemon comes up while containerd finishes the pull: the first
+  container's Prepare then finds it ready instead of paying for the start.
+  Both take the bootstrap's mount lock, so there is never a second daemon; a
+  failed early start only records the failure (the container's ``ensure``
+  retries and falls back as usual); Remove of the bootstrap and ``close`` wait
+  for a start in flight, so nothing it makes is left behind.
 """
 from __future__ import annotations
 
@@ -42,8 +50,9 @@ BOOTSTRAP_PATH = "image/image.boot"
 class LazyMounts(Protocol):
     """The lazy side (lazy.py); the core only needs these."""
 
-    def ensure(self, sid: int, image_ref: str, bootstrap: Path) -> Path:
-        """A healthy RAFS mount of bootstrap snapshot ``sid`` (started, re-attached or repaired)."""
+    def ensure(self, sid: int, image_ref: str, bootstrap: Path, *, fallback: bool = True) -> Path:
+        """A healthy RAFS mount of bootstrap snapshot ``sid`` (started, re-attached or repaired);
+        ``fallback=False``: raise Unavailable instead of pulling the image in full."""
 
     def release(self, sid: int) -> None:
         """The bootstrap snapshot is gone: unmount, stop the daemon, free what only it used."""
@@ -56,7 +65,7 @@ class LazyMounts(Protocol):
 
 
 class NydusSnapshotter:
-    def __init__(self, root: str | os.PathLike, *, lazy: LazyMounts | None = None,
+    def __init__(self, root: str | os.PathLike, *, lazy: LazyMounts | None = None, mount_at: str = "pull",
                  on_event: Callable[[str, dict], None] | None = None):
         self.layout = Layout(root)
         self.layout.ensure()
@@ -66,10 +75,19 @@ class NydusSnapshotter:
             lazy.bind(self.store, self.layout)
         self.index_off = overlay_index_off()
         self._on_event = on_event or (lambda kind, data: None)
+        self.mount_at = mount_at       # "pull": start a bootstrap's RAFS mount at its commit; "run": on first use
         self._mount_locks: dict[int, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self._early: dict[str, threading.Thread] = {}     # bootstrap snapshot name -> its mount start in flight
+        self._closing = False
 
     def close(self) -> None:
+        """Wait for mount starts in flight (a daemon that comes up stays up, recorded for the next start)."""
+        with self._locks_lock:
+            self._closing = True
+            early = list(self._early.values())
+        for t in early:
+            t.join()
         self.store.close()
 
     # -- queries ---------------------------------------------------------------------------
@@ -172,6 +190,7 @@ class NydusSnapshotter:
         with self.store.transaction() as tx:
             sid = ms.get_info(tx, key)[0]
         size_inodes = dir_usage(self.layout.fs(sid))
+        mount_now = None
         with self.store.transaction(write=True) as tx:
             sid = ms.commit(tx, key, name, labels, size_inodes)
             if labels.get(LABEL_NYDUS_BOOTSTRAP) == "true":
@@ -182,14 +201,56 @@ class NydusSnapshotter:
                     if ref:
                         ms.set_image_status(tx, ref, "failed", f"bootstrap layer holds no {BOOTSTRAP_PATH}")
                 elif ref:
-                    ms.set_image_status(tx, ref, "lazy", "bootstrap unpacked; RAFS mounted on first container")
+                    early = self.lazy is not None and self.mount_at == "pull"
+                    ms.set_image_status(tx, ref, "lazy", "bootstrap unpacked; RAFS " +
+                                        ("mounting" if early else "mounted on first container"))
                     log.info("image %s: bootstrap unpacked (%d bytes), lazy", ref, boot.stat().st_size)
+                    if early:
+                        mount_now = (name, sid, ref, boot)
+        if mount_now is not None:
+            self._mount_early(*mount_now)
+
+    def _mount_early(self, name: str, sid: int, image_ref: str, boot: Path) -> None:
+        """Start bootstrap ``sid``'s RAFS mount in the background (mount_at="pull")."""
+        t = threading.Thread(target=self._early_mount, args=(name, sid, image_ref, boot), daemon=True,
+                             name=f"mount-at-pull-{sid}")
+        with self._locks_lock:
+            if self._closing:
+                return
+            self._early[name] = t
+            t.start()         # under the lock: remove()/close() never see a registered thread not yet started
+
+    def _early_mount(self, name: str, sid: int, image_ref: str, boot: Path) -> None:
+        try:
+            with self._mount_lock(sid):
+                if self._closing:         # shutting down: the first container starts it instead
+                    return
+                log.info("image %s: starting its lazy mount at pull (bootstrap snapshot %d)", image_ref, sid)
+                self.lazy.ensure(sid, image_ref, boot, fallback=False)
+        except Exception as e:      # recorded; the first container's ensure retries (and falls back)
+            last = (str(e).splitlines() or [type(e).__name__])[-1]
+            log.warning("image %s: lazy mount at pull failed (%s); a container start retries it", image_ref, last)
+            try:
+                with self.store.transaction(write=True) as tx:
+                    ms.set_image_status(tx, image_ref, "failed", f"lazy mount at pull failed: {last}; "
+                                                                 "retried when a container starts")
+            except Exception:
+                log.exception("recording the failed lazy mount of %s", image_ref)
+        finally:
+            with self._locks_lock:
+                self._early.pop(name, None)
 
     def remove(self, key: str) -> None:
+        with self._locks_lock:
+            early = self._early.get(key)
+        if early is not None:      # this bootstrap's mount is starting: let it finish, then free it below
+            early.join()
         with self.store.transaction(write=True) as tx:
             sid, kind = ms.remove(tx, key)
             retired = self.layout.retire(sid)
             was_lazy = self.lazy is not None and ms.rafs_user_key(tx, sid) is not None
+        with self._locks_lock:
+            self._mount_locks.pop(sid, None)
         if was_lazy:
             try:
                 self.lazy.release(sid)

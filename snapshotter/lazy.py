@@ -2,7 +2,10 @@
 
 The core asks ``ensure(sid, image_ref, bootstrap)`` for the bootstrap snapshot
 ``sid`` whenever a container snapshot above it is prepared or mounted, and gets
-the mountpoint to use as the overlay's lowerdir.
+the mountpoint to use as the overlay's lowerdir. With ``mount_at = "pull"`` the
+core already asks once when the bootstrap snapshot is committed (in the
+background, without the full-pull fallback), so the first container finds the
+mount up.
 
 * A mount is keyed by the bootstrap's digest (``sha256[:16]``): the same image
   pulled into two namespaces (two bootstrap snapshots) shares one mount.
@@ -15,6 +18,9 @@ the mountpoint to use as the overlay's lowerdir.
   stop the daemon and delete that cache.
 * A monitor thread notices a dead daemon and starts a new one at the same
   mountpoint (the stale mount is cleared first).
+* A healthy daemon whose start was never recorded (its launcher was killed or
+  timed out after forking it, e.g. the snapshotter was killed mid-start) is
+  adopted by the next ``ensure`` rather than mounted over.
 
 Disk layout::
 
@@ -122,7 +128,9 @@ class RafsMounts:
             self._keys[sid] = key
         return key
 
-    def ensure(self, sid: int, image_ref: str, bootstrap: Path, *, why: str = "") -> Path:
+    def ensure(self, sid: int, image_ref: str, bootstrap: Path, *, why: str = "", fallback: bool = True) -> Path:
+        """The mountpoint (or full-pull tree) of bootstrap snapshot ``sid``; ``fallback=False``: never pull
+        in full here (a failed start raises Unavailable, recorded as ``failed``, and the next call retries)."""
         key = self._key_for(sid, bootstrap)
         with self._lock(key):
             with self.store.transaction() as tx:
@@ -133,6 +141,8 @@ class RafsMounts:
                     ms.set_rafs_user(tx, sid, key)
             if row is not None and row.state == "mounted" and self.healthy(key):
                 return self.mountpoint(key)
+            if (row is None or row.state == "failed") and self.healthy(key):
+                return self._adopt(key, image_ref, row)
             if row is not None and row.state == "full" and materialized(self.mount_dir(key)):
                 return materialized(self.mount_dir(key))
             if row is not None and row.state == "mounted":
@@ -142,7 +152,7 @@ class RafsMounts:
             try:
                 return self._start(key, image_ref, bootstrap, row)
             except Unavailable as e:
-                if not self.cfg.daemon.fallback:
+                if not (fallback and self.cfg.daemon.fallback):
                     raise
                 return self._fall_back(key, image_ref, bootstrap, str(e))
 
@@ -196,8 +206,10 @@ class RafsMounts:
             cmd += ["--docker-config", os.path.dirname(os.path.abspath(self.cfg.backend.docker_config))]
         t0 = time.monotonic()
         try:
+            # own process group: the signal that stops the snapshotter (to its group) must not cut a start
+            # short, which would orphan a daemon mid-mount; shutdown waits for the start instead
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.cfg.daemon.startup_timeout,
-                               stdin=subprocess.DEVNULL, errors="replace")
+                               stdin=subprocess.DEVNULL, errors="replace", process_group=0)
             ok, out = r.returncode == 0, (r.stdout.strip().splitlines() or [""])[-1]
             err = (r.stdout + r.stderr).strip()[-2000:] or f"the mount daemon exited with status {r.returncode}"
         except subprocess.TimeoutExpired:
@@ -219,13 +231,28 @@ class RafsMounts:
         except ValueError:
             info = {"mode": "?", "pid": 0, "reason": out}
         new.state, new.mode, new.pid = "mounted", info.get("mode", ""), int(info.get("pid") or 0)
-        with self.store.transaction(write=True) as tx:
-            ms.put_rafs_mount(tx, new)
-            ms.set_image_status(tx, image_ref, "lazy", f"RAFS mounted in {new.mode} mode at {mnt}")
+        self._record_mounted(new)
         log.info("image %s: served lazily, %s mode (%s), daemon pid %d, mounted at %s in %.2f s%s", image_ref,
                  new.mode, info.get("reason", ""), new.pid, mnt, time.monotonic() - t0,
                  f" (restart #{restarts})" if restarts else "")
         return mnt
+
+    def _adopt(self, key: str, image_ref: str, row: ms.RafsMountRow | None) -> Path:
+        """A healthy daemon serves ``key`` but its start was never recorded (its launcher was killed or timed
+        out after the fork): keep it rather than fail to mount over it."""
+        info = self.daemon_info(key) or {}
+        new = ms.RafsMountRow(key=key, image_ref=image_ref, mountpoint=str(self.mountpoint(key)), state="mounted",
+                              mode=info.get("mode") or "", pid=int(info.get("pid") or 0),
+                              restarts=row.restarts if row is not None else 0)
+        self._record_mounted(new)
+        log.info("image %s: adopted the running mount daemon pid %d (%s mode) at %s", image_ref, new.pid,
+                 new.mode, new.mountpoint)
+        return self.mountpoint(key)
+
+    def _record_mounted(self, row: ms.RafsMountRow) -> None:
+        with self.store.transaction(write=True) as tx:
+            ms.put_rafs_mount(tx, row)
+            ms.set_image_status(tx, row.image_ref, "lazy", f"RAFS mounted in {row.mode} mode at {row.mountpoint}")
 
     def release(self, sid: int) -> None:
         with self.store.transaction(write=True) as tx:

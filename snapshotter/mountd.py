@@ -10,6 +10,12 @@ registry request; only the blobs are read from the registry, chunk by chunk.
 The process forks a detached daemon (own session: it outlives the
 snapshotter) and exits 0 once the mount is usable, printing one line (mode,
 pid), or 1 with the reason.
+
+Start time is on a container's (or, with ``mount_at = "pull"``, the pull's)
+path, so this module imports only what the daemon needs: the P2P package
+(~30 ms of imports) only when a ``--p2p-*`` option asks for it, and the
+launching process leaves with ``os._exit`` once it has reported (interpreter
+teardown is ~20 ms of nothing useful).
 """
 from __future__ import annotations
 
@@ -18,10 +24,8 @@ import json
 import os
 import sys
 
-from p2p.cli import add_mount_options as add_p2p_options, mount_caches
 
-
-def _parser() -> argparse.ArgumentParser:
+def _parser(p2p: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m snapshotter.mountd")
     p.add_argument("--bootstrap", required=True)
     p.add_argument("--ref", required=True, help="HOST/REPO[:TAG|@DIGEST] the blobs are read from")
@@ -34,29 +38,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch-all", action="store_true")
     p.add_argument("--docker-config", default=None, help="dir holding config.json (registry credentials)")
     p.add_argument("--description", default="{}", help="JSON shown by the daemon's stats API")
-    add_p2p_options(p)
+    if p2p:
+        from p2p.cli import add_mount_options
+        add_mount_options(p)
     return p
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    # the P2P options (and the p2p package behind them) only when asked for, or for --help
+    p2p = any(a.startswith("--p2p") or a in ("-h", "--help") for a in argv)
+    return _parser(p2p).parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(sys.argv[1:] if argv is None else argv)
     from rafs.daemon import MountConfig, MountDaemon, spawn_daemon, state_paths
 
     with open(args.bootstrap, "rb") as f:        # read before forking: errors reach the caller
         raw = f.read()
     paths = state_paths(args.mountpoint, args.run_dir)
     pid, result = spawn_daemon(paths.log)
-    if pid is not None:
+    if pid is not None:                          # the launcher: report and leave
         ok, message = result
         print(message, flush=True)
-        return 0 if ok else 1
+        sys.stderr.flush()
+        os._exit(0 if ok else 1)
     notify = result
     try:
         import logging
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from converter.refs import parse_ref
         from rafs.daemon import MOUNT_CACHE_OPTIONS
-        from rafs.storage.factory import BackendConfig, CacheConfig, build_backend
+        from rafs.storage.factory import BackendConfig, CacheConfig, build_backend, build_cache_manager
         ref = parse_ref(args.ref)
         host, repo = ref.host, ref.repo
         if host in ("docker.io", "index.docker.io"):
@@ -65,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         backend = build_backend(BackendConfig(kind="registry", host=host, repo=repo, plain_http=args.plain_http,
                                               docker_config_dir=args.docker_config))
         os.makedirs(args.cache_dir, mode=0o700, exist_ok=True)
-        caches = mount_caches(backend, CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS), args)
+        cache_cfg = CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS)
+        if hasattr(args, "p2p_listen"):
+            from p2p.cli import mount_caches
+            caches = mount_caches(backend, cache_cfg, args)
+        else:
+            caches = build_cache_manager(cache_cfg, backend)
         desc = {"ref": args.ref, "backend": backend.name, "cache_dir": os.path.abspath(args.cache_dir),
                 "bootstrap": os.path.abspath(args.bootstrap), **json.loads(args.description)}
         try:
@@ -82,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     message = json.dumps({"mode": mode, "reason": daemon.mode_reason, "pid": os.getpid(),
                           "mountpoint": daemon.mountpoint, "api": paths.api_sock})
     print(message, flush=True)
-    notify(True, message)
+    try:
+        notify(True, message)
+    except OSError:      # the launcher is gone (killed): serve anyway; the snapshotter adopts a healthy mount
+        print("the launching process is gone; serving anyway", flush=True)
     why = daemon.run()
     print(f"unmounted {daemon.mountpoint}: {why}", flush=True)
     return 0

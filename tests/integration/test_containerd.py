@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from converter.convert import ConvertOptions, convert
 from snapshotter.snapshots import (LABEL_CRI_IMAGE_LAYERS, LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST,
                                    LABEL_CRI_MANIFEST_DIGEST, LABEL_NYDUS_BLOB, LABEL_REMOTE, LABEL_SNAPSHOT_REF)
 from tests.helpers import images as im
-from tests.helpers.containerd import Containerd, SnapshotterProcess, mounts_under
+from tests.helpers.containerd import Containerd, SnapshotterProcess, mounts_under, unmount_under
 from tests.helpers.cri import CRI_NAMESPACE, CriClient
 from tests.helpers.registry import skopeo_copy
 
@@ -338,3 +339,175 @@ def test_killed_mount_daemon_is_restarted(env):
     assert r.stdout.split()[0] == env.images.big_md5
     [m] = env.snap.status()["mounts"]
     assert m["restarts"] == 1 and m["daemon_alive"]
+
+
+# ---------------------------------------------------------------------------------- lazy: mount at pull
+
+@pytest.fixture
+def custom_env(tmp_path, registry_session, images):
+    """custom_env(config) -> a started Env whose snapshotter has ``config``; torn down like ``env``, plus any
+    mount start still in flight (a test that failed mid-way)."""
+    made: list[tuple[SnapshotterProcess, Containerd]] = []
+
+    def make(config: dict) -> Env:
+        snap = SnapshotterProcess(tmp_path / "snap", log_level="info", config=config)
+        ctd = Containerd(tmp_path / "ctd", snapshotter=snap, registry_host=images.host)
+        made.append((snap, ctd))
+        snap.start()
+        ctd.start()
+        return Env(snap, ctd, registry_session, images)
+    yield make
+    stray = []
+    for snap, ctd in made:
+        try:
+            ctd.stop()
+        finally:
+            snap.teardown()
+            for pid in _mountd_procs(snap.root):
+                stray.append(pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    left = unmount_under(tmp_path)
+    assert not stray and not left, f"left behind: processes {stray}, mounts {left}"
+
+
+def _slow_launcher(tmp_path, delay: float) -> str:
+    """A mount daemon launcher that waits ``delay`` s before the real one: a start that is surely in flight."""
+    path = tmp_path / "slow-mountd"
+    path.write_text(f'#!/bin/sh\nsleep {delay}\nexec {sys.executable} -m snapshotter.mountd "$@"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def _mountd_procs(root) -> list[int]:
+    """Live mount daemons (and launchers) of the snapshotter with state dir ``root``."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"mountd" in cmd and os.fsencode(root) in cmd:
+            out.append(int(pid))
+    return out
+
+
+def _wait_for(pred, timeout: float = 30):
+    """pred()'s first truthy value within ``timeout`` s (else its last, falsy one)."""
+    deadline = time.monotonic() + timeout
+    while not (v := pred()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return v
+
+
+def _image(st: dict, ref: str) -> dict:
+    [img] = [i for i in st["images"] if i["ref"] == ref]
+    return img
+
+
+@pytest.mark.parametrize("puller", ["rpull", "cri"])
+def test_mount_is_up_after_pull_before_any_container(env, puller):
+    """mount_at = "pull" (default): the pull starts the image's mount daemon; the first container finds it up."""
+    images = env.images
+    if puller == "rpull":
+        env.rpull(images.nydus)
+        ns = env.ctd.namespace
+    else:
+        with CriClient(env.ctd.address) as cri:
+            cri.pull(images.nydus)
+        ns = CRI_NAMESPACE
+    assert env.ctd.ctr("containers", "ls", "-q", namespace=ns).stdout.split() == []
+    st = _wait_for(lambda: (s := env.snap.status())["mounts"] and s["mounts"][0]["state"] == "mounted" and s)
+    assert st, env.snap.log()[-3000:]
+    [m] = st["mounts"]
+    assert m["daemon_alive"] and m["mode"] in ("erofs", "fuse") and os.path.ismount(m["mountpoint"])
+    img = _image(st, images.nydus)
+    assert img["status"] == "lazy" and "RAFS mounted" in img["detail"], img
+    assert "starting its lazy mount at pull" in env.snap.log()
+    [pid] = env.snap.daemon_pids()
+    assert env.ctd.ctr_run(images.nydus, "atpull1", namespace=ns).stdout == HELLO
+    assert env.snap.daemon_pids() == [pid]                   # the pull's daemon, not a second start
+    assert env.snap.log().count("served lazily, ") == 1
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_failed_mount_at_pull_keeps_the_pull(custom_env, images, fallback):
+    """A mount daemon that cannot start (a launcher exiting 1): the pull succeeds, status says the mount at pull
+    failed, and the container's start retries, then falls back to a full pull (or fails) as without it."""
+    env = custom_env({"daemon": {"command": ["/bin/false"], "fallback": fallback}})
+    env.rpull(images.nydus)
+    st = _wait_for(lambda: (s := env.snap.status())["mounts"] and s["mounts"][0]["state"] == "failed" and s)
+    assert st, env.snap.log()[-3000:]
+    img = _image(st, images.nydus)
+    assert img["status"] == "failed" and "lazy mount at pull failed" in img["detail"], img
+    assert "exited with status 1" in st["mounts"][0]["error"]
+    assert not mounts_under(env.snap.root / "rafs") and not _mountd_procs(env.snap.root)
+    r = env.ctd.ctr_run(images.nydus, "fail1", "cat", "/data/small", check=False)
+    img = _image(env.snap.status(), images.nydus)
+    if fallback:
+        assert r.returncode == 0 and r.stdout == "small file\n", r.stderr
+        assert img["status"] == "full" and "fell back to a full pull" in img["detail"], img
+    else:
+        assert r.returncode != 0 and "lazy mount of" in r.stderr, r.stderr
+        assert img["status"] == "failed" and img["detail"].startswith("lazy mount failed"), img
+    assert env.snap.log().count("lazy mount FAILED") == 2      # at pull, then again at the container's start
+
+
+def test_remove_image_while_mount_at_pull_in_flight(custom_env, tmp_path, images):
+    """Commit does not wait for the daemon; removing the image meanwhile leaves no daemon, mount or cache."""
+    env = custom_env({"daemon": {"command": [_slow_launcher(tmp_path, 2)]}})
+    env.rpull(images.nydus)
+    assert _mountd_procs(env.snap.root), "no mount start in flight after the pull"
+    assert not mounts_under(env.snap.root / "rafs")            # the pull did not wait for it
+    env.ctd.ctr("images", "rm", "--sync", images.nydus)
+    assert _wait_for(lambda: not _mountd_procs(env.snap.root) and not mounts_under(env.snap.root)), \
+        env.snap.log()[-3000:]
+    st = env.snap.status()
+    assert st["mounts"] == [] and st["cache_bytes"] == 0
+    assert not list((env.snap.root / "rafs").glob("*/mnt"))
+    with env.snap.client() as sn:
+        assert sn.list() == []
+    log = env.snap.log()
+    assert "served lazily, " in log and "freed lazy mount" in log      # started, then undone
+
+
+def test_shutdown_waits_for_mount_at_pull(custom_env, tmp_path, images):
+    """SIGTERM (to the snapshotter's process group) while a mount starts: the start completes and is recorded;
+    the next snapshotter re-attaches to that daemon and serves the image."""
+    env = custom_env({"daemon": {"command": [_slow_launcher(tmp_path, 1)]}})
+    env.rpull(images.nydus)
+    assert _mountd_procs(env.snap.root), "no mount start in flight after the pull"
+    proc = env.snap.proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, env.snap.log()[-3000:]
+    [m] = env.snap.status()["mounts"]
+    assert m["state"] == "mounted" and m["daemon_alive"] and os.path.ismount(m["mountpoint"]), m
+    [pid] = env.snap.daemon_pids()
+    since = env.snap.log_size()
+    env.snap.start()
+    assert env.snap.wait_log("re-attached to its lazy mount", since=since), env.snap.log()[-3000:]
+    env.ctd.wait_snapshotter()
+    assert env.ctd.ctr_run(images.nydus, "aftershutdown").stdout == HELLO
+    assert env.snap.daemon_pids() == [pid]
+
+
+def test_snapshotter_killed_during_mount_at_pull(custom_env, tmp_path, images):
+    """SIGKILL while a mount starts: the daemon still comes up (nobody records it), and the next snapshotter
+    adopts it instead of failing to mount over it."""
+    env = custom_env({"daemon": {"command": [_slow_launcher(tmp_path, 1)]}})
+    env.rpull(images.nydus)
+    assert _mountd_procs(env.snap.root), "no mount start in flight after the pull"
+    env.snap.stop(kill=True)
+    assert _wait_for(env.snap.daemon_pids), "the orphaned start never mounted"
+    [pid] = env.snap.daemon_pids()
+    since = env.snap.log_size()
+    env.snap.start()
+    assert env.snap.wait_log("adopted the running mount daemon", since=since), env.snap.log()[-3000:]
+    env.ctd.wait_snapshotter()
+    assert env.ctd.ctr_run(images.nydus, "afterkill").stdout == HELLO
+    assert env.snap.daemon_pids() == [pid]
+    [m] = env.snap.status()["mounts"]
+    assert m["state"] == "mounted" and m["daemon_alive"] and m["restarts"] == 0

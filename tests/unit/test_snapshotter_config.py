@@ -39,3 +39,25 @@ def test_mount_options_parse_a_static_peer_list():
     add_mount_options(ap)
     cfg = mount_config(ap.parse_args(["--p2p-listen", "127.0.0.1:0", "--p2p-peers", "a:1,b:2"]))
     assert [str(p) for p in cfg.peers] == ["a:1", "b:2"]
+
+
+def test_mount_at(tmp_path):
+    assert load_config(_write(tmp_path, "")).daemon.mount_at == "pull"
+    assert load_config(_write(tmp_path, '[daemon]\nmount_at = "run"\n')).daemon.mount_at == "run"
+    with pytest.raises(ValueError, match="mount_at 'later' is not one of pull, run"):
+        load_config(_write(tmp_path, '[daemon]\nmount_at = "later"\n'))
+
+
+def test_mountd_imports_p2p_only_when_asked():
+    """The mount daemon's start is on the pull's / container's path: no P2P imports without P2P options."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    base = ["--bootstrap", "b", "--ref", "h:5000/r:t", "--mountpoint", "m", "--cache-dir", "c", "--run-dir", "r",
+            "--pid-file", "p"]
+    code = ("import sys; from snapshotter.mountd import _parse; a = _parse(sys.argv[1:]); "
+            "print('p2p' in sys.modules, getattr(a, 'p2p_tracker', None))")
+    for extra, want in (([], "False None"), (["--p2p-tracker", "t:1"], "True t:1")):
+        r = subprocess.run([sys.executable, "-c", code, *base, *extra], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parents[2])
+        assert r.stdout.split() == want.split()
