@@ -50,6 +50,8 @@ def serve(argv: list[str]) -> int:
         from .lazy import RafsMounts
         lazy = RafsMounts(cfg)
     sn = NydusSnapshotter(cfg.root, lazy=lazy, mount_at=cfg.daemon.mount_at)
+    if lazy is not None:
+        lazy.start_standby()         # before recovery, whose re-mounts use it too
     try:
         sn.recover()
     except Exception:
@@ -72,6 +74,8 @@ def serve(argv: list[str]) -> int:
     if lazy is not None:
         lazy.stop_monitor()
     sn.close()
+    if lazy is not None:
+        lazy.close()                 # after sn.close(): no start in flight needs the standby any more
     return 0
 
 

@@ -16,6 +16,8 @@
     command = []                          # mount daemon launcher; default [python, -m, snapshotter.mountd]
     mount_at = "pull"                     # pull: start an image's mount daemon when its bootstrap layer is
                                           # unpacked (in the background); run: when its first container starts
+    standby = true                        # keep one pre-imported launcher ready (a start then skips ~0.15 s of
+                                          # Python start + imports); only with the default command
 
     [backend]
     plain_http = []                       # registries spoken to over http ("127.0.0.1:5000"); true = all
@@ -53,6 +55,7 @@ class DaemonConfig:
     fallback: bool = True          # a lazy mount that fails: download the blobs and unpack the tree instead
     command: list[str] = field(default_factory=list)   # mount daemon launcher (default: python -m snapshotter.mountd)
     mount_at: str = "pull"         # when a nydus image's mount starts: at pull (bootstrap committed) or first run
+    standby: bool = True           # keep an idle, pre-imported mount daemon launcher ready (default command only)
 
 
 @dataclass
@@ -131,4 +134,6 @@ def load_config(path: str | None = None, **overrides) -> Config:
         raise ValueError(f"daemon.mode {cfg.daemon.mode!r} is not one of {', '.join(MODES)}")
     if cfg.daemon.mount_at not in MOUNT_AT:
         raise ValueError(f"daemon.mount_at {cfg.daemon.mount_at!r} is not one of {', '.join(MOUNT_AT)}")
+    if not isinstance(cfg.daemon.standby, bool):      # "false" (a string) would read as true
+        raise ValueError(f"daemon.standby {cfg.daemon.standby!r} is not true or false")
     return cfg

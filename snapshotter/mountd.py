@@ -16,6 +16,16 @@ path, so this module imports only what the daemon needs: the P2P package
 (~30 ms of imports) only when a ``--p2p-*`` option asks for it, and the
 launching process leaves with ``os._exit`` once it has reported (interpreter
 teardown is ~20 ms of nothing useful).
+
+    python -m snapshotter.mountd --standby [--root ROOT] [--p2p] [--probe-erofs]
+
+starts a *standby* launcher: it imports everything a start needs (~150 ms of
+interpreter start and imports), prints ``ready``, then blocks reading one JSON
+line on stdin: the argument list of one start above, which it then performs
+exactly as a fresh launcher would. EOF instead (the snapshotter is gone) ends
+it. The snapshotter keeps one ready (lazy.py, standby.py), so a mount's start
+costs only the daemon's own work. The daemon it forks keeps the standby's
+command line, where ``--root`` names the snapshotter it belongs to.
 """
 from __future__ import annotations
 
@@ -50,8 +60,35 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return _parser(p2p).parse_args(argv)
 
 
+def standby(opts: list[str]) -> int:
+    """Import what a start needs, say ``ready``, then do the one start asked for on stdin (see above)."""
+    import logging  # noqa: F401
+    import converter.refs  # noqa: F401
+    import rafs.api  # noqa: F401
+    import rafs.blobfs  # noqa: F401
+    import rafs.daemon  # noqa: F401
+    import rafs.fuse  # noqa: F401
+    import rafs.storage.factory  # noqa: F401
+    if "--p2p" in opts:
+        import p2p.cli  # noqa: F401
+    if "--probe-erofs" in opts:
+        # the daemon forked from here asks the same kernel: keep a "yes" (a mount that fails anyway still
+        # falls back to fuse in auto mode); a "no" is asked again at the start (erofs may be loaded by then)
+        from rafs.kmount import erofs_file_backed_supported
+        if not erofs_file_backed_supported():
+            erofs_file_backed_supported.cache_clear()
+    print("ready", flush=True)
+    request = sys.stdin.readline()
+    if not request.strip():
+        return 0
+    return main(json.loads(request))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--standby"]:
+        return standby(argv[1:])
+    args = _parse(argv)
     from rafs.daemon import MountConfig, MountDaemon, spawn_daemon, state_paths
 
     with open(args.bootstrap, "rb") as f:        # read before forking: errors reach the caller

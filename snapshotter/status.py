@@ -16,6 +16,7 @@ from . import metastore as ms
 from .config import Config
 from .lazy import RafsMounts
 from .mounts import Layout, dir_usage
+from .standby import standby_pid
 from .snapshots import LABEL_REMOTE, Kind
 
 
@@ -57,6 +58,7 @@ def collect(cfg: Config) -> dict:
     out["snapshots"] = counts
     lazy = RafsMounts(cfg)
     lazy.layout = layout
+    out["standby_pid"] = standby_pid(lazy.standby_pid_file())
     fetched_by_image: dict[str, int] = {}
     for row in rows:
         info = lazy.daemon_info(row.key)
@@ -65,6 +67,7 @@ def collect(cfg: Config) -> dict:
         m = {"key": row.key, "image": row.image_ref, "mountpoint": row.mountpoint, "state": row.state,
              "mode": (st or {}).get("mode") or row.mode, "pid": (info or {}).get("pid") or row.pid,
              "daemon_alive": info is not None, "restarts": row.restarts, "error": row.error,
+             "started_by_standby": (info or {}).get("standby"),
              "bootstrap_snapshots": sorted(names.get(s, f"(removed #{s})") for s, k in users.items()
                                            if k == row.key),
              "cache_bytes": dir_usage(cache)[0] if cache.exists() else 0}
@@ -96,6 +99,8 @@ def render(st: dict) -> str:
     lines.append(f"snapshots  {s.get('total', 0)} ({s.get('committed', 0)} committed, {s.get('active', 0)} active, "
                  f"{s.get('view', 0)} view; {s.get('remote', 0)} remote nydus layers)")
     lines.append(f"cache      {st['cache_dir']}  {_mb(st['cache_bytes'])}")
+    if st.get("standby_pid"):
+        lines.append(f"standby    mount daemon launcher pid {st['standby_pid']}, ready")
     lines.append("")
     lines.append("IMAGE" + " " * 43 + "STATUS  FETCHED     DETAIL")
     for im in st["images"]:

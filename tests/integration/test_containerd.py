@@ -511,3 +511,93 @@ def test_snapshotter_killed_during_mount_at_pull(custom_env, tmp_path, images):
     assert env.snap.daemon_pids() == [pid]
     [m] = env.snap.status()["mounts"]
     assert m["state"] == "mounted" and m["daemon_alive"] and m["restarts"] == 0
+
+
+# ---------------------------------------------------------------------------------- standby launcher
+
+def _standbys(snap) -> list[int]:
+    """Standby launchers (``mountd --standby``) whose parent is the snapshotter process ``snap``."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == snap.proc.pid and b"--standby" in cmd:
+            out.append(int(pid))
+    return out
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    def dead():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:          # a zombie counts as gone
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    return bool(_wait_for(dead, timeout))
+
+
+def _ready_standby(snap, other_than: int | None = None) -> int:
+    """The pid of the snapshotter's ready standby (waits for it, and for it not to be ``other_than``)."""
+    pid = _wait_for(lambda: (p := snap.status()["standby_pid"]) and p != other_than and p)
+    assert pid, f"no ready standby:\n{snap.log()[-3000:]}"
+    assert _standbys(snap) == [pid]
+    return pid
+
+
+def test_standby_starts_the_mount_at_pull(env):
+    """standby = true (default): the pull's mount is started by the standby launcher, a new standby is ready
+    afterwards, containers run, and stopping the snapshotter stops the standby."""
+    images = env.images
+    standby = _ready_standby(env.snap)
+    assert os.getsid(standby) == standby                       # its own session: the group's SIGTERM misses it
+    env.rpull(images.nydus)
+    st = _wait_for(lambda: (s := env.snap.status())["mounts"] and s["mounts"][0]["state"] == "mounted" and s)
+    assert st, env.snap.log()[-3000:]
+    [m] = st["mounts"]
+    assert m["started_by_standby"] == standby and m["daemon_alive"] and os.path.ismount(m["mountpoint"])
+    assert m["pid"] in _mountd_procs(env.snap.root)            # its command line still names the snapshotter
+    assert f"(started by standby pid {standby})" in env.snap.log()
+    assert _gone(standby)                                      # it was the launcher: reported and left
+    new = _ready_standby(env.snap, other_than=standby)
+    assert env.ctd.ctr_run(images.nydus, "sb1").stdout == HELLO
+    assert env.snap.daemon_pids() == [m["pid"]]
+    env.snap.stop()                                            # SIGTERM: the snapshotter stops its standby
+    assert _gone(new), f"standby {new} outlived the snapshotter"
+    assert env.snap.status()["standby_pid"] is None
+
+
+def test_standby_exits_when_the_snapshotter_is_killed(env):
+    standby = _ready_standby(env.snap)
+    env.snap.stop(kill=True)                                   # SIGKILL: EOF on the standby's stdin
+    assert _gone(standby), f"standby {standby} outlived the killed snapshotter"
+
+
+def test_dead_standby_falls_back_to_a_fresh_launcher(env):
+    images = env.images
+    standby = _ready_standby(env.snap)
+    os.kill(standby, signal.SIGKILL)
+    env.rpull(images.nydus)
+    st = _wait_for(lambda: (s := env.snap.status())["mounts"] and s["mounts"][0]["state"] == "mounted" and s)
+    assert st, env.snap.log()[-3000:]
+    [m] = st["mounts"]
+    assert m["started_by_standby"] is None and m["daemon_alive"]
+    assert "standby mount daemon launcher is gone" in env.snap.log()
+    _ready_standby(env.snap, other_than=standby)
+    r = env.ctd.ctr_run(images.nydus, "sbdead1", "md5sum", "/data/big")
+    assert r.stdout.split()[0] == images.big_md5
+
+
+def test_standby_off(custom_env, images):
+    env = custom_env({"daemon": {"standby": False}})
+    env.rpull(images.nydus)
+    assert env.ctd.ctr_run(images.nydus, "nosb1").stdout == HELLO
+    [m] = env.snap.status()["mounts"]
+    assert m["started_by_standby"] is None and m["daemon_alive"]
+    assert env.snap.status()["standby_pid"] is None and not _standbys(env.snap)
+    assert "started by standby" not in env.snap.log()

@@ -61,3 +61,10 @@ def test_mountd_imports_p2p_only_when_asked():
         r = subprocess.run([sys.executable, "-c", code, *base, *extra], capture_output=True, text=True, check=True,
                            cwd=Path(__file__).resolve().parents[2])
         assert r.stdout.split() == want.split()
+
+
+def test_standby(tmp_path):
+    assert load_config(_write(tmp_path, "")).daemon.standby is True
+    assert load_config(_write(tmp_path, "[daemon]\nstandby = false\n")).daemon.standby is False
+    with pytest.raises(ValueError, match="daemon.standby 'false' is not true or false"):
+        load_config(_write(tmp_path, '[daemon]\nstandby = "false"\n'))
