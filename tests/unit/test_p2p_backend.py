@@ -18,6 +18,7 @@ from rafs.storage.backend import LocalFsBackend
 from rafs.storage.factory import CacheConfig
 from tests.conformance import make_blob
 from tests.fakes.backends import CountingBackend
+from tests.helpers.p2pcluster import in_parallel
 from tests.helpers.registry import free_port
 
 
@@ -76,23 +77,6 @@ def cluster(tmp_path, origin_dir):
         n.close()
 
 
-def _in_parallel(fns):
-    out, errors = [None] * len(fns), []
-
-    def run(i):
-        try:
-            out[i] = fns[i]()
-        except BaseException as e:          # reported below
-            errors.append(e)
-    ts = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors, errors
-    return out
-
-
 # --------------------------------------------------------------------------- egress
 
 def test_four_nodes_at_once_fetch_each_byte_from_the_origin_once(cluster, tracker, origin_dir):
@@ -101,7 +85,7 @@ def test_four_nodes_at_once_fetch_each_byte_from_the_origin_once(cluster, tracke
     nodes = [cluster(f"n{i}", tracker=tracker.address) for i in range(4)]
     for n in nodes:
         n.origin.delay = 0.01                 # make the fetches overlap
-    got = _in_parallel([lambda n=n: n.read_all(blob) for n in nodes])
+    got = in_parallel([lambda n=n: n.read_all(blob) for n in nodes])
     assert all(g == blob.view for g in got)
     total = sum(n.origin_bytes() for n in nodes)
     assert total == len(blob.data), (total, len(blob.data))
