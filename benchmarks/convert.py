@@ -43,6 +43,8 @@ from converter.sample import build_sample_layout
 from converter.store import OciLayoutStore, open_store
 from rafs.blob import CHUNK_SIZE_DEFAULT, validate_chunk_size
 
+from .prereq import require
+
 MB = 1e6
 
 
@@ -172,9 +174,7 @@ def _cpu(who: int) -> float:
 
 def baseline(layers: list[Layer]) -> tuple[float, float]:
     """(seconds, CPU seconds) for `DECOMPRESS LAYER | zstd -3 >/dev/null`, layer after layer."""
-    for tool in ("gzip", "zstd"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"the baseline needs `{tool}` on PATH")
+    require("the baseline", ["bash", "gzip", "zstd"])
     cpu, start = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
     for layer in layers:
         cmd = f"set -eo pipefail; {_decompressor(layer.path)} \"$1\" | zstd -3 -q -c >/dev/null"
@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="keep temporary files here (default: a temp dir, removed)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
+    # the baseline pipes each layer through gzip/zstd; the default source is the busybox sample image
+    require("python -m benchmarks.convert", ["bash", "gzip", "zstd"] + ([] if args.source else ["busybox"]))
     result = run(args.source, platform=args.platform, plain_http=args.plain_http, chunk_size=args.chunk_size,
                  compressor=args.compressor, repeat=max(1, args.repeat), profile=args.profile,
                  workdir=args.workdir)

@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .prereq import require
 from .sysutil import Cleanup, bind_mount, mount, mounts_below, run, umount_all_below
 
 log = logging.getLogger("benchmarks.images")
@@ -426,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("needs root (debootstrap, chroot, mounts)", file=sys.stderr)
         return 2
+    require("python -m benchmarks.images", ["debootstrap", "umoci", "chroot"] + (["skopeo"] if args.push else []))
     b = ImageBuilder(args.workdir, mirror=args.mirror)
     tags = args.tags or list(IMAGES)
     t0 = time.monotonic()

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from . import report
+from .prereq import require
 from .images import DEFAULT_WORKDIR, IMAGES, ImageBuilder, Layout, image_stats, layer_stats
 from .modes import MODES, Bench, run_mode
 from .netshape import LINKS, ShapedLink, measure_throughput
@@ -103,6 +104,20 @@ def select(args) -> tuple[list[str], list[Workload], list[str], list[str], int]:
     repeat = args.repeat or (1 if args.quick else 3)
     modes = list(args.modes or MODES)
     return images, workloads, modes, links, repeat
+
+
+def prerequisites(args) -> tuple[list[str], list[str]]:
+    """(system tools, Python modules) this run of the suite needs, from its flags."""
+    images, _, modes, links, _ = select(args)
+    extra = {e.split("=", 1)[0] for e in args.extra_image}
+    tools = ["docker-registry", "skopeo", "mkfs.ext4", "mount", "truncate", "curl", "libfuse3"]
+    if any(i not in extra for i in images):                 # Debian images are built (or found cached)
+        tools += ["debootstrap", "umoci", "chroot"]
+    if args.runner != "chroot":
+        tools += ["containerd", "ctr", "runc"]
+    if any(link != "lo" for link in links):
+        tools += ["ip", "tc", "nsenter", "unshare"]
+    return tools, ["matplotlib"]                            # the report's chart
 
 
 def environment() -> dict:
@@ -468,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("needs root (mounts, containerd, network namespaces)", file=sys.stderr)
         return 2
+    require("python -m benchmarks.lazy_start", *prerequisites(args))
     suite = Suite(args)
     try:
         return suite.run()

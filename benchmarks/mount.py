@@ -35,6 +35,8 @@ from pathlib import Path
 
 import requests
 
+from benchmarks.prereq import require
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = "/var/tmp/pynydus-mountbench"
 MiB = 1 << 20
@@ -364,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("benchmarks.mount needs root (FUSE and kernel mounts)", file=sys.stderr)
         return 2
+    require("python -m benchmarks.mount", ["docker-registry", "libfuse3"])
     sys.path.insert(0, str(REPO_ROOT))
     from converter.convert import ConvertOptions, convert
     from converter.localregistry import Registry, push_image

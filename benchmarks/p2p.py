@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.prereq import require
 from tests.helpers.netns import NetLab, available
 from tests.helpers.registry import Registry
 from tests.helpers.p2pcluster import REPO, Cluster, convert_push, egress, in_parallel, p2p_args
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="p2p,registry", help="p2p, registry (no P2P), or both")
     ap.add_argument("--out", help="write results.json here")
     args = ap.parse_args(argv)
+    require("python -m benchmarks.p2p", ["docker-registry", "ip", "tc", "nsenter", "libfuse3"])
     why = available()
     if why:
         print(f"benchmarks.p2p: {why}", file=sys.stderr)

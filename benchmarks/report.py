@@ -20,6 +20,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from .prereq import require
+
 MB = 1e6
 MODE_ORDER = ["overlayfs", "fuse", "erofs", "fuse+prefetch", "erofs+prefetch", "warm", "p2p"]
 LAZY = ["fuse", "erofs", "fuse+prefetch", "erofs+prefetch", "warm", "p2p"]
@@ -338,6 +340,7 @@ def main(argv=None) -> int:
     if len(argv) != 1:
         print("usage: python -m benchmarks.report DIR", file=sys.stderr)
         return 2
+    require("python -m benchmarks.report", modules=["matplotlib"])
     d = Path(argv[0])
     rows = json.loads((d / "results.json").read_text())
     meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").exists() else {}
