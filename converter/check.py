@@ -1,9 +1,15 @@
-"""`nydusify check`: the converted tree equals the source's applied tree, and every chunk verifies.
+"""`nydusify check`: the converted tree is what a container sees after containerd's unpack of
+the source, and every chunk verifies.
 
-The source side is applied from its layer tars; file contents are compared as
-per-chunk digest lists at the bootstrap's chunk size, which `verify_blobs` then
-ties to the bytes: every chunk of every blob is fetched, decompressed and
-checked against its digest.
+The expected side is the source's layer tars applied the way containerd's overlayfs
+unpack applies them (`layer` + `merge`): not the tar headers where the two differ
+(symlinks are 0777, the "./" entry is ignored, a hardlink entry's header is applied
+to its inode, xattrs containerd or Linux refuse are gone, undeclared parents replace
+lower symlinks and files; tests/integration/test_unpack_semantics.py holds both
+against a real containerd). The actual side is the converted bootstrap's EROFS tree,
+which is what every mount mode shows. File contents are compared as per-chunk
+digest lists at the bootstrap's chunk size, which `verify_blobs` then ties to the
+bytes: every chunk of every blob is fetched, decompressed and checked against its digest.
 """
 from __future__ import annotations
 
@@ -67,6 +73,7 @@ def _content(chunks) -> tuple:
 
 
 def source_entries(store: ImageStore, manifest: dict, chunk_size: int, digester: str):
+    """What containerd's unpack of `manifest` shows, as entries and hardlink groups."""
     config = json.loads(store.get_bytes(manifest["config"]["digest"]))
     diff_ids = config["rootfs"]["diff_ids"]
     trees = []

@@ -8,6 +8,18 @@ compresses and stages them, `check` only needs their digests.
 
 Whiteouts are not tree entries: they are recorded beside the tree and applied
 by `merge`, because OCI says a whiteout hides only what lower layers hold.
+
+The tree holds what containerd's unpack (archive.Apply onto overlayfs, as root)
+shows, not the tar headers where the two differ (`tests/integration/
+test_unpack_semantics.py` compares both with a real containerd):
+- a symlink is always 0777 (Linux has no lchmod; the header's mode is ignored);
+- the "./" entry is ignored (the rootfs root is the snapshotter's 0755 root-owned
+  dir; only its mtime, which the unpack leaves undefined, is taken);
+- a hardlink entry re-applies its own header to the shared inode (lchown, which
+  drops security.capability, then xattrs, chmod and mtime, as containerd does);
+- xattrs the kernel or containerd refuse are dropped: trusted.* (containerd never
+  sets them), user.* except on regular files and directories, ACLs on symlinks;
+- undeclared parents are 0755 root-owned dirs (merge keeps a lower dir's attrs).
 """
 from __future__ import annotations
 
@@ -180,10 +192,33 @@ def _mtime(ti: tarfile.TarInfo) -> tuple[int, int]:
     return int(ti.mtime), 0
 
 
-def _xattrs(ti: tarfile.TarInfo) -> dict[bytes, bytes]:
+def _xattrs(ti: tarfile.TarInfo, kind: int) -> dict[bytes, bytes]:
     # An empty PAX value deletes the keyword (POSIX pax), so an empty xattr record sets nothing.
-    return {_raw(key[len(XATTR_PAX_PREFIX):]): _raw(value)
-            for key, value in ti.pax_headers.items() if key.startswith(XATTR_PAX_PREFIX) and value}
+    return {name: value for name, value in
+            ((_raw(key[len(XATTR_PAX_PREFIX):]), _raw(value))
+             for key, value in ti.pax_headers.items() if key.startswith(XATTR_PAX_PREFIX) and value)
+            if unpacked_xattr(kind, name)}
+
+
+def unpacked_xattr(kind: int, name: bytes) -> bool:
+    """Whether containerd's unpack leaves xattr `name` on a file of type `kind` (S_IFxxx).
+
+    containerd refuses trusted.* from archives ("admin attributes"); Linux allows
+    user.* only on regular files and directories, and no POSIX ACL on a symlink;
+    containerd skips those with a warning.
+    """
+    if name.startswith(b"trusted."):
+        return False
+    if name.startswith(b"user.") and kind not in (stat.S_IFREG, stat.S_IFDIR):
+        return False
+    if name.startswith(b"system.posix_acl_") and kind == stat.S_IFLNK:
+        return False
+    return True
+
+
+def unpacked_mode(kind: int, header_mode: int) -> int:
+    """st_mode after unpack: a symlink's permission bits are always 0777 on Linux."""
+    return kind | (0o777 if kind == stat.S_IFLNK else header_mode & 0o7777)
 
 
 _TYPES = {
@@ -229,9 +264,11 @@ class LayerReader:
     def _entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
         raw_name = _raw(ti.name)
         parts = split_path(raw_name, self.name)
-        if not parts:                       # "./": attributes of the root itself
+        if not parts:                       # "./": containerd ignores it (the root stays 0755 root:root)
             if ti.type == tarfile.DIRTYPE:
-                self._set_attrs(self.tree.root, ti, stat.S_IFDIR)
+                root = self.tree.root
+                root.mode, root.uid, root.gid, root.xattrs = stat.S_IFDIR | 0o755, 0, 0, {}
+                root.mtime, root.mtime_nsec = _mtime(ti)    # undefined after an unpack; the header's is kept
                 self.tree.root_declared = True
             return
         parent_parts, base = parts[:-1], parts[-1]
@@ -249,7 +286,7 @@ class LayerReader:
             raise LayerError(f"{self.name}: name longer than 255 bytes in {raw_name!r}")
         path = join(parent_path, base)
         if ti.type == tarfile.LNKTYPE:
-            self._hardlink(parent, base, path, _raw(ti.linkname))
+            self._hardlink(parent, base, path, _raw(ti.linkname), ti)
             return
         kind = _TYPES.get(ti.type)
         if kind is None:
@@ -273,10 +310,21 @@ class LayerReader:
             node.chunks = self._chunks(tf.extractfile(ti), ti.size, raw_name)
 
     def _set_attrs(self, node: Inode, ti: tarfile.TarInfo, kind: int) -> None:
-        node.mode = kind | (ti.mode & 0o7777)
+        node.mode = unpacked_mode(kind, ti.mode)
         node.uid, node.gid = ti.uid, ti.gid
         node.mtime, node.mtime_nsec = _mtime(ti)
-        node.xattrs = _xattrs(ti)
+        node.xattrs = _xattrs(ti, kind)
+
+    @staticmethod
+    def _relink_attrs(node: Inode, ti: tarfile.TarInfo) -> None:
+        """What containerd's createTarFile does to the inode a hardlink entry links to: lchown
+        (the kernel drops security.capability with it), set the entry's xattrs, chmod
+        (not for a symlink), set its mtime."""
+        node.uid, node.gid = ti.uid, ti.gid
+        node.xattrs = {k: v for k, v in node.xattrs.items() if k != b"security.capability"}
+        node.xattrs.update(_xattrs(ti, node.kind))
+        node.mode = unpacked_mode(node.kind, ti.mode)
+        node.mtime, node.mtime_nsec = _mtime(ti)
 
     def _dir(self, parts: list[bytes], raw_name: bytes) -> tuple[Inode, bytes]:
         """The parent dir of an entry and its path, through this layer's symlinks; undeclared
@@ -284,7 +332,7 @@ class LayerReader:
         return resolve_dir(self.tree.root, parts, f"{self.name}: tar entry {raw_name!r}",
                            self.tree.implicit_dirs)
 
-    def _hardlink(self, parent: Inode, base: bytes, path: bytes, target: bytes) -> None:
+    def _hardlink(self, parent: Inode, base: bytes, path: bytes, target: bytes, ti: tarfile.TarInfo) -> None:
         target_parts = split_path(target, self.name)
         node = self.tree.root
         for part in target_parts:
@@ -293,6 +341,7 @@ class LayerReader:
                 break
         if node is not None and not node.is_dir():
             parent.entries[base] = node
+            self._relink_attrs(node, ti)
             return
         if node is not None:
             raise LayerError(f"{self.name}: hardlink {path!r} points to directory {target!r}")
@@ -408,18 +457,19 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
 
 
 def resolve_dir(root: Inode, parts: list[bytes], where: str,
-                implicit: set[bytes] | None = None) -> tuple[Inode, bytes] | None:
+                implicit: set[bytes] | None = None, *, loops_fail: bool = False) -> tuple[Inode, bytes] | None:
     """The directory at `parts` below `root`, found the way an OCI applier finds a parent.
 
     Symlinks on the way are followed inside the root, like the securejoin of umoci
     and containerd: an absolute target starts again at the root and '..' stops
     there, so nothing resolves outside it. With `implicit` (collects their paths)
     missing directories are created 0755; a non-directory in the way or a symlink
-    loop is then a LayerError. Without it, anything missing gives None.
-    Returns (directory, its path relative to root).
+    loop is then a LayerError. Without it, anything missing gives None, and a loop
+    too unless `loops_fail`. Returns (directory, its path relative to root).
 
     Within one layer tree, a '..' after a component that is a symlink only in a
-    lower layer is taken lexically (merge follows lower symlinks of undeclared parents).
+    lower layer is taken lexically: containerd applies a layer into its own upper
+    dir, where that component is a new directory (merge replaces the lower symlink).
     """
     todo = list(reversed(parts))
     names: list[bytes] = []
@@ -438,7 +488,7 @@ def resolve_dir(root: Inode, parts: list[bytes], where: str,
         if child is not None and child.is_symlink():
             links += 1
             if links > MAX_SYMLINKS:
-                if implicit is None:
+                if implicit is None and not loops_fail:
                     return None
                 raise LayerError(f"{where}: too many levels of symbolic links")
             if child.symlink.startswith(b"/"):

@@ -1,13 +1,17 @@
-"""Apply layer trees bottom-up into one image tree, the way an OCI applier would.
+"""Apply layer trees bottom-up into one image tree, the way containerd's unpack does.
 
-Per layer: its whiteouts and opaque markers hide what the lower layers hold,
-then its entries overlay the result (a dir over a dir merges; anything else
-replaces), then hardlinks into lower layers are resolved. Whiteout entries
-never reach the merged tree.
+containerd (overlayfs snapshotter) applies each layer into a fresh upper dir and
+overlayfs merges it over the lower ones. So per layer: its whiteouts and opaque
+markers hide what the lower layers hold at exactly that path, then its entries
+overlay the result (a dir over a dir merges; anything else replaces), then
+hardlinks into lower layers are resolved (containerd cannot unpack those at all;
+this is what umoci makes of them). Whiteout entries never reach the merged tree.
 
-Parent paths are resolved like an applier does (see `layer.resolve_dir`): a
-parent the layer never declared that is a symlink below is followed inside
-the root, so the symlink stays and the entries land where it points.
+Parent paths resolve symlinks of the layer itself only (`layer.resolve_dir`, run
+while the layer is read): a lower layer's symlink or file where the layer has an
+undeclared parent is replaced by a directory holding only the layer's entries,
+with the attributes of the directory the symlink leads to (containerd's
+mkparent), else 0755 root-owned. A whiteout below a lower symlink hides nothing.
 """
 from __future__ import annotations
 
@@ -27,17 +31,17 @@ def merge_layers(layers: list[tuple[str, LayerTree]]) -> Inode:
 
 def apply_layer(root: Inode, layer: LayerTree, name: str) -> None:
     for dir_path, hidden in layer.whiteouts.items():
-        found = resolve_dir(root, dir_path.split(b"/"), name)
+        found = _lookup_dir(root, dir_path)
         if found is not None:
             for entry in hidden:
-                found[0].entries.pop(entry, None)
+                found.entries.pop(entry, None)
     for dir_path in layer.opaque:
-        found = resolve_dir(root, dir_path.split(b"/"), name)
+        found = _lookup_dir(root, dir_path)
         if found is not None:
-            found[0].entries.clear()
+            found.entries.clear()
     if layer.root_declared:
         _copy_dir_attrs(layer.root, root)
-    _overlay(root, root, layer.root, b"", b"", layer, name)
+    _overlay(root, root, layer.root, b"", layer, name)
     for path, target_path in layer.outer_links:
         target_dir, _, target_base = target_path.rpartition(b"/")
         found = resolve_dir(root, target_dir.split(b"/"), name)
@@ -51,26 +55,45 @@ def apply_layer(root: Inode, layer: LayerTree, name: str) -> None:
         found[0].entries[base] = target
 
 
-def _overlay(root: Inode, lower: Inode, upper: Inode, path: bytes, tree_path: bytes,
-             layer: LayerTree, name: str) -> None:
-    """Overlay `upper` (at `path` in the layer) on `lower` (at `tree_path` in the merged tree)."""
+def _lookup_dir(root: Inode, path: bytes) -> Inode | None:
+    """The directory at `path` in the merged tree, following no symlink; None if there is none."""
+    node = root
+    for part in path.split(b"/") if path else ():
+        node = node.entries.get(part)
+        if node is None or not node.is_dir():
+            return None
+    return node
+
+
+def _overlay(root: Inode, lower: Inode, upper: Inode, path: bytes, layer: LayerTree, name: str) -> None:
+    """Overlay `upper` (at `path` in the layer) on `lower` (at `path` in the merged tree)."""
     for entry, up in upper.entries.items():
         child_path = join(path, entry)
         low = lower.entries.get(entry)
         implicit = child_path in layer.implicit_dirs
-        if up.is_dir() and implicit and low is not None and low.is_symlink():
-            where = f"{name}: tar entry {_below(child_path, up)!r} (below the lower layers' symlink {child_path!r})"
-            target, target_path = resolve_dir(root, join(tree_path, entry).split(b"/"), where, set())
-            _overlay(root, target, up, child_path, target_path, layer, name)
-        elif up.is_dir() and low is not None and low.is_dir():
+        if up.is_dir() and low is not None and low.is_dir():
             if not implicit:
                 _copy_dir_attrs(up, low)
-            _overlay(root, low, up, child_path, join(tree_path, entry), layer, name)
-        elif up.is_dir() and implicit and low is not None:
-            raise LayerError(f"{name}: tar entry {_below(child_path, up)!r}: {child_path!r} is not a "
-                             "directory in the lower layers")
-        else:
-            lower.entries[entry] = up
+            _overlay(root, low, up, child_path, layer, name)
+            continue
+        if up.is_dir() and implicit and low is not None and low.is_symlink():
+            where = f"{name}: tar entry {_below(child_path, up)!r} (below the lower layers' symlink {child_path!r})"
+            _lower_dir_attrs(root, up, child_path, layer, where)
+        lower.entries[entry] = up
+
+
+def _lower_dir_attrs(root: Inode, node: Inode, path: bytes, layer: LayerTree, where: str) -> None:
+    """containerd's mkparent for undeclared dir `node` (and those below it) replacing a lower
+    symlink: each takes the attributes of the lower dir its path leads to, symlinks followed."""
+    found = resolve_dir(root, path.split(b"/"), where, loops_fail=True)
+    if found is None:
+        return                  # nothing there: 0755 root-owned, and nothing below it either
+    _copy_dir_attrs(found[0], node)
+    node.xattrs = dict(node.xattrs)
+    for entry, child in node.entries.items():
+        child_path = join(path, entry)
+        if child.is_dir() and child_path in layer.implicit_dirs:
+            _lower_dir_attrs(root, child, child_path, layer, where)
 
 
 def _below(path: bytes, node: Inode) -> bytes:

@@ -724,12 +724,13 @@ def awkward_image_layers(chunk_size: int = 64 * 1024) -> list[list[Entry]]:
         F("big/zeros-8m", zeros(AWKWARD_ZEROS_SIZE)),
         # 4 identical chunks + a tail: dedup inside one file
         F("big/dup-chunks", concat(repeat(random(C, seed=7), 4), random(100, seed=8))),
-        # hardlinks: 2 names, 3 names (one in another dir), a group split later
+        # hardlinks: 2 names, 3 names (one in another dir), a group split later; each link entry
+        # carries its inode's metadata, as tar writers do (containerd applies it to the inode)
         F("links/hl-a", b"hardlink pair\n", uid=7, gid=8, mtime_ns=T0 + 5),
-        H("links/hl-b", "links/hl-a"),
+        H("links/hl-b", "links/hl-a", uid=7, gid=8, mtime_ns=T0 + 5),
         F("links/three-1", b"three names\n", mode=0o600),
-        H("links/three-2", "links/three-1"),
-        H("etc/three-3", "links/three-1"),
+        H("links/three-2", "links/three-1", mode=0o600),
+        H("etc/three-3", "links/three-1", mode=0o600),
         F("links/split-1", b"split me\n"),
         H("links/split-2", "links/split-1"),
         H("links/split-3", "links/split-1"),
@@ -842,7 +843,7 @@ def awkward_image_layers(chunk_size: int = 64 * 1024) -> list[list[Entry]]:
         Entry.whiteout("links/dangling"),
         D("l2", mtime_ns=T1),
         F("l2/orig", b"linked in layer 2\n", mtime_ns=T1),
-        H("l2/link", "l2/orig"),
+        H("l2/link", "l2/orig", mtime_ns=T1),
     ]
 
     # ---------------- layer 3: cross-layer dedup, "./" names, more overrides ----------------
@@ -865,8 +866,8 @@ def awkward_image_layers(chunk_size: int = 64 * 1024) -> list[list[Entry]]:
         F("./perm/setuid", b"suid\n", mode=0o755, mtime_ns=T2),   # suid dropped
         D("./l3", mtime_ns=T2),
         F("./l3/a", b"layer 3 link\n", mtime_ns=T2),
-        H("./l3/b", "./l3/a"),
-        H("./l3/c", "./l3/a"),
+        H("./l3/b", "./l3/a", mtime_ns=T2),
+        H("./l3/c", "./l3/a", mtime_ns=T2),
     ]
     return [l1, l2, l3]
 

@@ -262,3 +262,50 @@ def kernel_mount(tmp_path):
             except OSError as e:
                 errors.append(e)
     assert not errors, errors
+
+
+# --------------------------------------------------------------------------- containerd's own unpack
+
+class ContainerdUnpackError(RuntimeError):
+    """containerd refused to unpack the image (its message in str())."""
+
+
+@pytest.fixture(scope="session")
+def containerd_unpack(tmp_path_factory, registry_session):
+    """containerd_unpack(image) -> the tree a container of `image` sees after containerd's unpack.
+
+    The reference the converter follows: the image is pushed to the session registry, pulled
+    by a private containerd 1.6 (overlayfs snapshotter, which applies every layer into its own
+    upper dir), mounted with `ctr images mount` and snapshotted; every mount and the image are
+    removed again, even on failure. Raises ContainerdUnpackError when containerd refuses the
+    image. Directories containerd creates or changes get the current time as mtime.
+    """
+    if os.geteuid() != 0 or shutil.which("ctr") is None or not os.path.exists("/usr/bin/containerd"):
+        pytest.skip("needs root and containerd (bash .ci/setup)")
+    from tests.helpers.containerd import run_containerd, unmount_under
+    from tests.helpers.registry import skopeo_copy
+    work = tmp_path_factory.mktemp("ctd-unpack")
+    with run_containerd(work / "ctd") as ctd:
+        seen: dict[str, tr.Tree] = {}
+
+        def unpack(image: im.ImageInfo) -> tr.Tree:
+            if image.ref in seen:
+                return seen[image.ref]
+            n = len(seen)
+            ref = f"{registry_session.host}/unpack/{image.tag.lower()}-{n}:v1"
+            skopeo_copy(image.ref, f"docker://{ref}")
+            r = ctd.ctr("images", "pull", "--plain-http", ref, check=False, timeout=120)
+            if r.returncode != 0:
+                ctd.ctr("images", "rm", ref, check=False)
+                raise ContainerdUnpackError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.stdout)
+            mnt = work / f"mnt{n}"
+            mnt.mkdir()
+            try:
+                ctd.ctr("images", "mount", ref, mnt)
+                seen[image.ref] = tr.snapshot_tree(mnt)
+            finally:
+                ctd.ctr("images", "unmount", mnt, check=False)
+                unmount_under(mnt)
+                ctd.ctr("images", "rm", ref, check=False)
+            return seen[image.ref]
+        yield unpack

@@ -133,30 +133,34 @@ D, F, S, H = im.Entry.dir, im.Entry.file, im.Entry.symlink, im.Entry.hardlink
 SMALL_IMAGES = {
     # no regular file holds data: no blob at all, the manifest has just the bootstrap layer
     "no-file-data": ([[D("etc"), F("etc/empty", b""), S("l", "etc"), im.Entry.fifo("p")],
-                      [im.Entry.whiteout("l")]], 0),
-    # a hardlink to a lower layer's file, and the lower name replaced afterwards
-    "cross-layer-hardlinks": ([[D("etc"), F("etc/a", b"aaa\n", uid=5), H("etc/c", "etc/a")],
-                               [D("etc"), H("etc/b", "etc/a")],
-                               [D("etc"), F("etc/a", b"new\n")]], 2),
-    # the root directory's own attributes come from a "./" entry
-    "root-entry": ([[D("./", mode=0o750, uid=3, gid=4), D("etc"), F("etc/x", b"x\n")]], 1),
+                      [im.Entry.whiteout("l")]], 0, "containerd"),
+    # a hardlink to a lower layer's file, and the lower name replaced afterwards (containerd's
+    # overlayfs unpack cannot link to a lower layer: umoci's tree is the reference)
+    "cross-layer-hardlinks": ([[D("etc"), F("etc/a", b"aaa\n", uid=5), H("etc/c", "etc/a", uid=5)],
+                               [D("etc"), H("etc/b", "etc/a", uid=5)],
+                               [D("etc"), F("etc/a", b"new\n")]], 2, "umoci"),
+    # containerd ignores a "./" entry: the root stays 0755 root-owned (umoci would apply it)
+    "root-entry": ([[D("./", mode=0o750, uid=3, gid=4), D("etc"), F("etc/x", b"x\n")]], 1, "containerd"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(SMALL_IMAGES))
-def test_small_images_match_umoci(case, workdir, kernel_mount, tmp_path):
-    layers, blobs = SMALL_IMAGES[case]
+def test_small_images_match_the_unpack(case, workdir, kernel_mount, tmp_path, containerd_unpack):
+    layers, blobs, oracle = SMALL_IMAGES[case]
     src = im.build_oci_layout(workdir / "small", case, layers)
-    expected = tr.snapshot_tree(tr.umoci_unpack(src.layout, case, tmp_path / "bundle"))
+    if oracle == "containerd":
+        expected, opts = containerd_unpack(src), {}
+    else:
+        expected, opts = tr.snapshot_tree(tr.umoci_unpack(src.layout, case, tmp_path / "bundle")), tr.UMOCI_DIFF_OPTIONS
     target = f"oci:{tmp_path / 'nydus'}:nydus"
     r = nydusify("convert", "--source", src.ref, "--target", target, check=True)
     assert f" {blobs} blobs" in r.stdout
-    tr.assert_trees_equal(expected, reader_tree(target), **tr.UMOCI_DIFF_OPTIONS)
+    tr.assert_trees_equal(expected, reader_tree(target), **opts)
     nydusify("export", target, tmp_path / "export", check=True)
     devices = sorted((tmp_path / "export" / "devices").iterdir(), key=lambda p: int(p.name))
     assert len(devices) == blobs
     mnt = kernel_mount(tmp_path / "export" / "image.boot", devices)
-    tr.assert_trees_equal(expected, tr.snapshot_tree(mnt), **tr.UMOCI_DIFF_OPTIONS)
+    tr.assert_trees_equal(expected, tr.snapshot_tree(mnt), **opts)
     nydusify("check", "--source", src.ref, "--target", target, check=True)
 
 

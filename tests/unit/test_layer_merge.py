@@ -122,3 +122,55 @@ def test_wrong_diff_id_is_rejected(tmp_path, compression):
     write_layer([Entry.file("f", b"x")], path, compression=compression)
     with open(path, "rb") as f, pytest.raises(LayerError, match="diff_id"):
         LayerReader("l", CHUNK, "sha256", None).read(f, "sha256:" + "0" * 64)
+
+
+# --- where containerd's unpack and the tar headers differ (checked against a real containerd in
+# --- tests/integration/test_unpack_semantics.py)
+
+def test_symlink_is_0777_whatever_its_header_says(tmp_path):
+    root = _merge(tmp_path, [Entry.symlink("s", "t", mode=0o644, uid=3), Entry.symlink("z", "t", mode=0o000)])
+    assert lookup(root, b"s").mode == stat.S_IFLNK | 0o777 and lookup(root, b"s").uid == 3
+    assert stat.filemode(lookup(root, b"z").mode) == "lrwxrwxrwx"
+
+
+def test_root_entry_is_ignored_but_its_mtime(tmp_path):
+    root = _merge(tmp_path, [Entry.dir("./", mode=0o700, uid=3, gid=4, mtime_ns=5 * 10**9,
+                                       xattrs={b"user.r": b"1"}), Entry.file("f", b"f")])
+    assert (root.mode, root.uid, root.gid, root.xattrs, root.mtime) == (stat.S_IFDIR | 0o755, 0, 0, {}, 5)
+
+
+def test_hardlink_entry_applies_its_header_to_the_inode(tmp_path):
+    caps = {b"security.capability": b"\x01" * 20}
+    root = _merge(tmp_path, [Entry.file("a", b"a", mode=0o4755, uid=1, xattrs={b"user.a": b"1", **caps}),
+                             Entry.hardlink("b", "a", mode=0o600, uid=2, gid=3, mtime_ns=7 * 10**9,
+                                            xattrs={b"user.b": b"2"})])
+    a = lookup(root, b"a")
+    assert a is lookup(root, b"b")
+    assert (a.mode, a.uid, a.gid, a.mtime) == (stat.S_IFREG | 0o600, 2, 3, 7)
+    assert a.xattrs == {b"user.a": b"1", b"user.b": b"2"}      # lchown dropped the capability
+
+
+def test_xattrs_containerd_does_not_set_are_dropped(tmp_path):
+    root = _merge(tmp_path, [Entry.file("f", b"f", xattrs={b"trusted.t": b"1", b"user.u": b"2", b"security.s": b"3"}),
+                             Entry.symlink("s", "f", xattrs={b"user.u": b"2", b"security.s": b"3",
+                                                             b"system.posix_acl_access": b"\x02\x00\x00\x00"}),
+                             Entry.fifo("p", xattrs={b"user.u": b"2"}), Entry.dir("d", xattrs={b"user.u": b"2"})])
+    assert lookup(root, b"f").xattrs == {b"user.u": b"2", b"security.s": b"3"}
+    assert lookup(root, b"s").xattrs == {b"security.s": b"3"}
+    assert lookup(root, b"p").xattrs == {} and lookup(root, b"d").xattrs == {b"user.u": b"2"}
+
+
+def test_undeclared_parent_replaces_a_lower_symlink_or_file(tmp_path):
+    root = _merge(tmp_path,
+                  [Entry.dir("real", mode=0o711, uid=4), Entry.file("real/old", b"o"), Entry.symlink("lnk", "real"),
+                   Entry.file("f", b"f")],
+                  [Entry.file("lnk/new", b"n"), Entry.file("f/x", b"x"), Entry.whiteout("lnk/old")])
+    lnk = lookup(root, b"lnk")
+    assert lnk.is_dir() and list(lnk.entries) == [b"new"] and (stat.S_IMODE(lnk.mode), lnk.uid) == (0o711, 4)
+    assert sorted(lookup(root, b"real").entries) == [b"old"]     # neither filled nor whited out through the link
+    assert lookup(root, b"f").is_dir() and stat.S_IMODE(lookup(root, b"f").mode) == 0o755
+
+
+def test_undeclared_parent_below_a_symlink_loop_is_rejected(tmp_path):
+    with pytest.raises(LayerError, match="too many levels of symbolic links"):
+        _merge(tmp_path, [Entry.symlink("a", "b"), Entry.symlink("b", "a")], [Entry.file("a/x", b"x")])
