@@ -28,9 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="log what happens")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp):
+    def common(sp, platform=None):
         sp.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to registries")
-        sp.add_argument("--platform", help="os/arch[/variant] of a multi-platform image")
+        (platform or sp).add_argument("--platform", help="os/arch[/variant] of a multi-platform image")
 
     c = sub.add_parser("convert", help="convert SRC (oci:DIR[:TAG] or HOST/REPO:TAG) into DST")
     c.add_argument("--source", required=True)
@@ -44,8 +44,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="paths to fetch first at mount, one per line: PATH (a file, or a directory: every "
                         "file below) or PATH<TAB>OFFSET+LENGTH,... (byte ranges of a file); their chunks "
                         "go first in the blobs, in this order")
-    c.add_argument("--all-platforms", action="store_true", help="convert every platform (the default for an index)")
-    common(c)
+    # as nydusify: every platform of an index into a new index (also the default without --platform);
+    # nydusify ignores --platform then, here the two together are an error
+    platforms = c.add_mutually_exclusive_group()
+    platforms.add_argument("--all-platforms", action="store_true",
+                           help="convert every platform of an index into a new index (the default without "
+                                "--platform); not with --platform")
+    common(c, platforms)
 
     k = sub.add_parser("check", help="verify that TARGET is a faithful conversion of SOURCE")
     k.add_argument("--source", required=True)
@@ -84,7 +89,8 @@ def _convert(args) -> int:
     from .convert import ConvertOptions, convert
     from .prefetch import read_patterns
     opts = ConvertOptions(chunk_size=args.chunk_size, compressor=args.compressor, digester=args.digester,
-                          chunk_dict=args.chunk_dict, platform=args.platform, plain_http=args.plain_http,
+                          chunk_dict=args.chunk_dict, platform=None if args.all_platforms else args.platform,
+                          plain_http=args.plain_http,
                           prefetch_patterns=read_patterns(args.prefetch_patterns) if args.prefetch_patterns else [],
                           progress=True)
     start = time.monotonic()

@@ -409,6 +409,33 @@ def test_check_covers_every_platform(multi_image, workdir, tmp_path):
     assert "linux/amd64" in r.stdout + r.stderr
 
 
+def test_all_platforms_converts_every_platform_and_refuses_platform(multi_image, workdir, tmp_path):
+    """--all-platforms (nydusify's flag): the whole index, the same as without --platform; with
+    --platform too it is an error (nydusify would silently ignore --platform), and nothing is written."""
+    target = tmp_path / "all"
+    nydusify("convert", "--source", multi_image.ref, "--target", f"oci:{target}:nydus", "--all-platforms", check=True)
+    top, _, _ = read_image(target, platform="linux/arm64")
+    assert top["mediaType"] == im.MEDIA_INDEX
+    index = json.loads(blob_path(target, top["digest"]).read_bytes())
+    assert sorted(m["platform"]["architecture"] for m in index["manifests"]) == ["amd64", "arm64"]
+    default = workdir / "multi-all"
+    if not default.exists():
+        nydusify("convert", "--source", multi_image.ref, "--target", f"oci:{default}:nydus", check=True)
+    assert top["digest"] == read_image(default, platform="linux/arm64")[0]["digest"]   # byte for byte
+    for plat in ("linux/amd64", "linux/arm64"):
+        arch = plat.split("/")[1]
+        assert reader_tree(f"oci:{target}:nydus", platform=plat)[b"etc/arch"].sha256 == \
+            hashlib.sha256(f"{arch}\n".encode()).hexdigest()
+    r = nydusify("check", "--source", multi_image.ref, "--target", f"oci:{target}:nydus", check=True)
+    assert "2 platforms" in r.stdout
+
+    both = tmp_path / "both"
+    r = nydusify("convert", "--source", multi_image.ref, "--target", f"oci:{both}:nydus",
+                 "--platform", "linux/arm64", "--all-platforms", check=False)
+    assert r.returncode == 2 and "--all-platforms: not allowed with argument --platform" in r.stderr, r.stderr
+    assert not both.exists()
+
+
 def test_platform_option_converts_one(multi_image, workdir):
     target = workdir / "multi-arm64"
     nydusify("convert", "--source", multi_image.ref, "--target", f"oci:{target}:nydus",
