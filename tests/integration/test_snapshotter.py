@@ -70,11 +70,18 @@ def test_state_survives_restart(server):
         sn.commit("c1", "k1", {"b": "2"})
         sn.prepare("ns/3/container", "c1")
         before = {i.name: i for i in sn.list()}
+        mounts_before = sn.mounts("ns/3/container")
     server.restart()
     with server.client() as sn:
         after = {i.name: i for i in sn.list()}
         assert after == before
-        assert sn.mounts("ns/3/container")[0].type == "bind" or True
+        # an active snapshot on a committed parent: an overlay of the parent's dir, the same after the restart
+        mounts = sn.mounts("ns/3/container")
+        assert [m.to_dict() for m in mounts] == [m.to_dict() for m in mounts_before]
+        assert len(mounts) == 1 and mounts[0].type == "overlay", mounts
+        opts = dict(o.split("=", 1) for o in mounts[0].options if "=" in o)
+        assert {"lowerdir", "upperdir", "workdir"} <= set(opts), mounts[0].options
+        assert os.path.isdir(opts["lowerdir"]) and os.path.isdir(opts["upperdir"])
         sn.remove("ns/3/container")
         sn.remove("c1")
 
