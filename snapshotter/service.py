@@ -145,17 +145,23 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
 def serve(sn: Snapshotter, address: str, *, workers: int = 16) -> grpc.Server:
     """Listen on the unix socket ``address`` (a stale socket file is replaced)."""
     address = os.path.abspath(address)
-    if len(os.fsencode(address)) > 107:
-        raise ValueError(f"socket path {address} is {len(os.fsencode(address))} bytes; unix sockets allow 107")
+    binding = address + "~"
+    if len(os.fsencode(binding)) > 107:
+        raise ValueError(f"socket path {address} is {len(os.fsencode(address))} bytes; at most 106 fit "
+                         "(unix sockets allow 107, and it is bound as PATH~ first)")
     os.makedirs(os.path.dirname(address), exist_ok=True)
-    try:
-        os.unlink(address)
-    except FileNotFoundError:
-        pass
+    for stale in (address, binding):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          options=[("grpc.max_receive_message_length", 16 << 20),
                                   ("grpc.max_send_message_length", 16 << 20)])
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(sn), server)
-    server.add_insecure_port(f"unix://{os.path.abspath(address)}")
+    # Bind under a temporary name and rename once serving: the socket path appears only when a connect
+    # succeeds, so whoever waits for it (containerd, scripts, tests) never meets ECONNREFUSED.
+    server.add_insecure_port(f"unix://{binding}")
     server.start()
+    os.rename(binding, address)
     return server
