@@ -73,7 +73,6 @@ class Result:
     blobs: int
     chunks: int
     dedup_ratio: float
-    hole_bytes: int
     chunk_size: int
     compressor: str
 
@@ -103,8 +102,7 @@ class Result:
             f"ratio         convert / baseline = {self.ratio:.2f}x (goal <= 1.5x); CPU time "
             f"{min(self.convert_cpu_s):.2f} s vs {min(self.baseline_cpu_s):.2f} s = "
             f"{min(self.convert_cpu_s) / min(self.baseline_cpu_s):.2f}x",
-            f"dedup         ratio {self.dedup_ratio} (chunk bytes referenced / stored once); "
-            f"{self.hole_bytes / MB:.1f} MB zero holes",
+            f"dedup         ratio {self.dedup_ratio} (chunk bytes referenced / stored once)",
             f"converted     {self.converted_bytes / MB:.1f} MB = {self.blobs} blobs {self.blob_bytes / MB:.1f} MB"
             f" ({self.chunks} chunks) + bootstrap layer {self.bootstrap_bytes / MB:.2f} MB; "
             f"source {self.source_bytes / MB:.1f} MB ({self.converted_bytes / self.source_bytes:.2f}x)",
@@ -238,7 +236,7 @@ def run(source: str | None, *, platform: str | None = None, plain_http: bool = F
                       converted_bytes=blob_bytes + boot_bytes, blob_bytes=blob_bytes,
                       bootstrap_bytes=boot_bytes, blobs=len(summary["blobs"]),
                       chunks=sum(b["chunks"] for b in summary["blobs"]),
-                      dedup_ratio=summary["dedup"]["ratio"], hole_bytes=summary["dedup"]["hole_bytes"],
+                      dedup_ratio=summary["dedup"]["ratio"],
                       chunk_size=chunk_size, compressor=compressor)
     finally:
         if own_tmp:

@@ -281,8 +281,7 @@ def fetch_verify_ceiling(registry, ref: str, path: bytes, limit: int = 512 * MiB
         ext = boot.file_extents(nid, 0, min(limit, boot.getattr(nid).size))[0]
         reader = image.blob_reader(ext.blob_index)
         blob = image.blob_digest(ext.blob_index)
-        toc = [e for e in reader.toc if ext.blob_offset <= e.uncompressed_offset < ext.blob_offset + ext.length]
-        footer = reader.footer
+        toc = [e for e in reader.entries if ext.blob_offset <= e.uncompressed_offset < ext.blob_offset + ext.length]
     repo = ref.split("/", 1)[1].rsplit(":", 1)[0]
     client = RegistryClient(registry.host, repo, plain_http=True)
     groups, cur, size = [], [], 0
@@ -300,8 +299,8 @@ def fetch_verify_ceiling(registry, ref: str, path: bytes, limit: int = 512 * MiB
         n = 0
         for e in group:
             raw = data[e.compressed_offset - start:e.compressed_end - start]
-            plain = decompress(footer.compressor, raw, e.uncompressed_size) if e.compressed else raw
-            assert digest_of(footer.digester, plain) == e.digest
+            plain = decompress(reader.compressor, raw, e.uncompressed_size) if e.compressed else raw
+            assert digest_of(reader.digester, plain) == e.digest
             n += len(plain)
         return n
 

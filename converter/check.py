@@ -8,22 +8,27 @@ to its inode, xattrs containerd or Linux refuse are gone, undeclared parents rep
 lower symlinks and files; tests/integration/test_unpack_semantics.py holds both
 against a real containerd). The actual side is the converted bootstrap's EROFS tree,
 which is what every mount mode shows. File contents are compared as per-chunk
-digest lists at the bootstrap's chunk size, which `verify_blobs` then ties to the
-bytes: every chunk of every blob is fetched, decompressed and checked against its digest.
+digest lists at the bootstrap's chunk size (a chunk index -> the chunk table entry at
+that place of the blob), which `verify_blobs` then ties to the bytes: every blob's
+sha256 is its id, every chunk the bootstrap's chunk table lists is fetched,
+decompressed and checked against its digest, and the blob's own ToC and
+compression-info array say the same about those chunks as the chunk table.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 from dataclasses import dataclass
 
+from rafs import blob as rblob
 from rafs.blob import ChunkEntry
 from rafs.bootstrap import Bootstrap
+from rafs.errors import FormatError, IntegrityError
 from rafs.tree import Inode, walk
 
 from .layer import LayerReader, buffered
 from .merge import merge_layers
-from rafs.errors import FormatError
 
 from .nydus_image import NydusImage, load_manifest
 from .store import MEDIA_DOCKER_LIST, MEDIA_OCI_INDEX, ImageStore, open_store
@@ -42,7 +47,7 @@ class Entry:
     target: bytes
     rdev: int
     xattrs: tuple
-    content: tuple        # chunk digests (hex), "hole" for zero chunks
+    content: tuple        # chunk digests (hex); "hole" for a hole (never in what we write)
 
     def diff(self, other: "Entry") -> list[str]:
         out = []
@@ -107,8 +112,13 @@ def _link_groups(groups: dict) -> dict[bytes, tuple]:
     return out
 
 
-def target_entries(boot: Bootstrap, tocs: list[dict[int, ChunkEntry]]):
+def target_entries(boot: Bootstrap, chunks: list[dict[int, ChunkEntry]] | None = None):
+    """What the converted bootstrap shows. `chunks`: per blob, uncompressed offset -> entry
+    (default: the bootstrap's chunk table, `BlobInfo.entries`)."""
+    if chunks is None:
+        chunks = [{e.uncompressed_offset: e for e in b.entries} for b in boot.meta.blobs]
     img = boot.erofs
+    cs = boot.meta.chunk_size
     entries, groups = {}, {}
     stack = [(b"/", img.root_nid)]
     while stack:
@@ -117,8 +127,7 @@ def target_entries(boot: Bootstrap, tocs: list[dict[int, ChunkEntry]]):
         kind = stat.S_IFMT(info.mode)
         content = ()
         if kind == stat.S_IFREG:
-            content = _content(None if idx is None else tocs[idx[0] - 1][idx[1] * BLOCK].digest.hex()
-                               for idx in img.chunk_indexes(nid))
+            content = _file_chunks(boot, nid, info.size, cs, chunks)
             groups.setdefault(nid, []).append(path)
         entries[path] = Entry(_KINDS[kind], info.mode, info.uid, info.gid, (info.mtime, info.mtime_nsec),
                               info.size if kind != stat.S_IFDIR else 0,
@@ -128,6 +137,25 @@ def target_entries(boot: Bootstrap, tocs: list[dict[int, ChunkEntry]]):
             for name, child, _ in img.readdir(nid):
                 stack.append(((b"" if path == b"/" else path) + b"/" + name, child))
     return entries, _link_groups(groups)
+
+
+def _file_chunks(boot: Bootstrap, nid: int, size: int, cs: int, chunks: list[dict[int, ChunkEntry]]) -> tuple:
+    """The digests (hex) of a file's chunks at chunk size `cs`, through its chunk indexes; a chunk
+    index that leads to no chunk of the right size reads as a description of what it leads to."""
+    out = []
+    for ext in boot.file_extents(nid, 0, size) if size else ():
+        for off in range(0, ext.length, cs):
+            n = min(cs, ext.length - off)
+            if ext.blob_index < 0:
+                out.append("hole")
+                continue
+            where = ext.blob_offset + off
+            entry = chunks[ext.blob_index].get(where)
+            if entry is None or entry.uncompressed_size != n:
+                out.append(f"no {n}-byte chunk at blob {ext.blob_index} offset {where}")
+            else:
+                out.append(entry.digest.hex())
+    return tuple(out)
 
 
 def compare(expected, actual) -> list[str]:
@@ -147,13 +175,71 @@ def compare(expected, actual) -> list[str]:
 
 
 def verify_blobs(image: NydusImage) -> tuple[list[dict[int, ChunkEntry]], int]:
-    """Fetch and verify every chunk of every blob; returns the TOCs by offset and the chunk count."""
-    tocs, count = [], 0
-    for i in range(len(image.bootstrap.meta.blobs)):
-        reader = image.blob_reader(i)
-        count += reader.verify_all()
-        tocs.append({e.uncompressed_offset: e for e in reader.toc})
-    return tocs, count
+    """Verify every blob of the image: every chunk the bootstrap's chunk table lists decompresses
+    to its digest (`rblob.decode_chunk`, the check every reader makes), the blob's ToC and
+    compression-info array agree with the chunk table on those chunks, and its sha256 is its id
+    (the OCI digest of the layer). Each blob is read once, front to back.
+
+    Returns the chunks per blob (uncompressed offset -> entry) and how many were verified.
+    IntegrityError / FormatError name the blob and the first thing found wrong.
+    """
+    found, count = [], 0
+    for i, info in enumerate(image.bootstrap.meta.blobs):
+        name = f"blob sha256:{info.blob_id}"
+        read_at, size = image.blob_source(i)
+        n, sha256 = _verify_blob_data(read_at, size, info, name)
+        _check_blob_meta(read_at, size, info, name)
+        if sha256 != info.blob_id:
+            raise IntegrityError(f"{name}: sha256 of the blob is {sha256}, not its id")
+        count += n
+        found.append({e.uncompressed_offset: e for e in info.entries})
+    return found, count
+
+
+def _verify_blob_data(read_at, size: int, info, name: str, block: int = 4 << 20) -> tuple[int, str]:
+    """One pass over the blob: each listed chunk decoded and checked on the way; returns how many,
+    and the blob's sha256 (hex)."""
+    h = hashlib.sha256()
+    todo = sorted(info.entries, key=lambda e: e.compressed_offset)
+    k = 0
+    buf, buf_start = bytearray(), 0          # blob bytes from buf_start that a chunk still needs
+    for off in range(0, size, block):
+        data = read_at(off, min(block, size - off))
+        h.update(data)
+        buf += data
+        end = off + len(data)
+        while k < len(todo) and todo[k].compressed_end <= end:
+            e = todo[k]
+            payload = bytes(buf[e.compressed_offset - buf_start:e.compressed_end - buf_start])
+            rblob.decode_chunk(e, payload, info.compressor, info.digester, name=name)
+            k += 1
+        keep = min(todo[k].compressed_offset, end) if k < len(todo) else end
+        del buf[:keep - buf_start]
+        buf_start = keep
+    if k < len(todo):
+        e = todo[k]
+        raise FormatError(f"{name}: chunk #{e.index} ({e.compressed_offset}+{e.compressed_size}) runs past "
+                          f"the end of the {size}-byte blob")
+    return len(todo), h.hexdigest()
+
+
+def _check_blob_meta(read_at, size: int, info, name: str) -> None:
+    """The blob's ToC (its digest in the blob table) and its ci array / blob.digest describe each
+    chunk of the chunk table exactly as the bootstrap does (`rblob.read_blob_meta` checks the
+    ToC digest, the ci header against the blob table and the members' sha256s)."""
+    own = rblob.read_blob_meta(read_at, size, info, name=name).entries
+    for e in info.entries:
+        if not 0 <= e.index < len(own):
+            raise FormatError(f"{name}: the chunk table names ci entry {e.index}, the blob has {len(own)}")
+        o = own[e.index]
+        mine = (o.uncompressed_offset, o.uncompressed_size, o.compressed_offset, o.compressed_size, o.compressed)
+        theirs = (e.uncompressed_offset, e.uncompressed_size, e.compressed_offset, e.compressed_size, e.compressed)
+        if mine != theirs:
+            raise FormatError(f"{name}: ci entry {e.index} says (uncompressed offset, size, compressed offset, "
+                              f"size, compressed) = {mine}, the bootstrap's chunk table {theirs}")
+        if any(o.digest) and o.digest != e.digest:
+            raise IntegrityError(f"{name}: chunk {e.index}'s digest in the blob ({o.digest.hex()}) is not "
+                                 f"the chunk table's ({e.digest.hex()})")
 
 
 def check(source: str, target: str, *, plain_http: bool = False, platform: str | None = None) -> tuple[list[str], dict]:
@@ -180,13 +266,13 @@ def check(source: str, target: str, *, plain_http: bool = False, platform: str |
             image = load_manifest(dst, desc)
             meta = image.bootstrap.meta
             manifest = json.loads(src.get_bytes(matching[0][1].digest))
-            tocs, chunks = verify_blobs(image)
+            blob_chunks, chunks = verify_blobs(image)
             expected = source_entries(src, manifest, meta.chunk_size, meta.digester)
-            actual = target_entries(image.bootstrap, tocs)
+            actual = target_entries(image.bootstrap, blob_chunks)
             problems += [label + p for p in compare(expected, actual)]
             stats["entries"] += len(actual[0])
             stats["chunks_verified"] += chunks
-            stats["blobs"] += len(tocs)
+            stats["blobs"] += len(blob_chunks)
         if platform is None and _is_index(dst_top):
             converted = {str(p) for p, _ in targets}
             problems += [f"{p}: missing from the converted image" for p, _ in sources if str(p) not in converted]

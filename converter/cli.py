@@ -8,6 +8,8 @@ import sys
 import time
 
 from rafs.blob import CHUNK_SIZE_DEFAULT
+from rafs.compress import COMPRESSORS, canonical_compressor
+from rafs.digest import DIGESTERS
 from rafs.errors import RafsError
 
 from .layer import LayerError
@@ -21,6 +23,16 @@ def _size(text: str) -> int:
     if text[-1:] in units:
         return int(text[:-1]) * units[text[-1]]
     return int(text)
+
+
+REF_HELP = ("HOST/REPO:TAG or oci:DIR[:TAG] of a converted image, or a local bootstrap file, or a blob "
+            "file carrying its own bootstrap (image.boot in its ToC)")
+
+
+def add_blob_dir(sp) -> None:
+    sp.add_argument("--blob-dir", metavar="DIR",
+                    help="with a local bootstrap or blob file as REF: the folder of its blob files, each "
+                         "named by its blob id (as nydusd's localfs backend); default for a blob file: its folder")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,9 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target", required=True)
     c.add_argument("--chunk-size", type=_size, default=CHUNK_SIZE_DEFAULT,
                    help="power of two, 4K..16M (accepts 0x100000, 1M, 1048576); default 1M")
-    c.add_argument("--compressor", choices=["zstd", "lz4", "none"], default="zstd")
-    c.add_argument("--digester", choices=["sha256", "blake3"], default="sha256")
-    c.add_argument("--chunk-dict", help="a converted image (REF) or bootstrap file whose chunks are reused")
+    c.add_argument("--compressor", type=canonical_compressor, choices=COMPRESSORS, default="zstd",
+                   help="chunk compressor (Nydus's): zstd (default), lz4 (= lz4_block, a raw LZ4 block) or none")
+    c.add_argument("--digester", choices=DIGESTERS, default="blake3",
+                   help="chunk digester: blake3 (default, as nydusify) or sha256")
+    c.add_argument("--chunk-dict", help="chunks to reuse, as nydus-image's --chunk-dict: the chunk table of a "
+                                        "converted image (REF) or of a local bootstrap (or blob file carrying "
+                                        "one), whose blobs must then be in the target; same chunk size and digester")
     c.add_argument("--prefetch-patterns", metavar="FILE",
                    help="paths to fetch first at mount, one per line: PATH (a file, or a directory: every "
                         "file below) or PATH<TAB>OFFSET+LENGTH,... (byte ranges of a file); their chunks "
@@ -57,18 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--target", required=True)
     common(k)
 
-    i = sub.add_parser("inspect", help="summarize a converted image or bootstrap file")
-    i.add_argument("ref")
+    i = sub.add_parser("inspect", help="summarize a converted image, or a bootstrap or blob file")
+    i.add_argument("ref", help=REF_HELP)
     i.add_argument("--json", action="store_true")
+    add_blob_dir(i)
     common(i)
 
     e = sub.add_parser("export", help="write DIR/image.boot and DIR/devices/N for a kernel EROFS mount")
-    e.add_argument("ref")
+    e.add_argument("ref", help=REF_HELP)
     e.add_argument("dir")
+    add_blob_dir(e)
     common(e)
 
     from .mount_cli import add_parsers
-    add_parsers(sub, common)
+    add_parsers(sub, common, add_blob_dir)
     return p
 
 
@@ -123,7 +141,8 @@ def _check(args) -> int:
 def _inspect(args) -> int:
     from .inspect import render, summarize
     from .nydus_image import open_nydus_image
-    with open_nydus_image(args.ref, plain_http=args.plain_http, platform=args.platform) as image:
+    with open_nydus_image(args.ref, plain_http=args.plain_http, platform=args.platform,
+                          blob_dir=args.blob_dir) as image:
         summary = summarize(image)
     print(json.dumps(summary, indent=2) if args.json else render(summary))
     return 0
@@ -132,7 +151,8 @@ def _inspect(args) -> int:
 def _export(args) -> int:
     from .export import export
     from .nydus_image import open_nydus_image
-    with open_nydus_image(args.ref, plain_http=args.plain_http, platform=args.platform) as image:
+    with open_nydus_image(args.ref, plain_http=args.plain_http, platform=args.platform,
+                          blob_dir=args.blob_dir) as image:
         devices = export(image, args.dir)
     opts = ",".join(f"device={d}" for d in devices)
     print(f"wrote {args.dir}/image.boot and {len(devices)} devices; mount with mount(2): "

@@ -1,12 +1,22 @@
-"""`nydusify convert`: an OCI image (registry or layout) -> a RAFS image.
+"""`nydusify convert`: an OCI image (registry or layout) -> a RAFS v6 (Nydus) image.
 
 Per platform manifest: layers are read and chunked concurrently, merged into
 one tree, packed into deduplicated blobs, and the bootstrap is written. The
 target is tagged last, after every blob and manifest landed, so a failed
 conversion never leaves a half-written tag behind.
+
+The image is laid out as nydusify pushes one (nydus-snapshotter pkg/converter):
+the blob layers (`application/vnd.oci.image.layer.nydus.blob.v1`, annotated
+`containerd.io/snapshot/nydus-blob`, digest = blob id), then the bootstrap layer, a
+gzip tar of `image/`, `image/image.boot` and, per blob written here,
+`image/<blob id>.blob.meta` (its compression-info array, padded to 4 KiB, and the
+ci header: what nydusd caches, so a mount need not fetch it from the blob), annotated
+`containerd.io/snapshot/nydus-bootstrap` and `...nydus-fs-version: "6"`. In an
+index, each manifest's platform carries `os.features: ["nydus.remoteimage.v1"]`.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -19,6 +29,8 @@ from dataclasses import dataclass, field
 
 from rafs import blob as rblob
 from rafs.bootstrap import RafsMeta, write_bootstrap
+from rafs.compress import canonical_compressor, check_compressor
+from rafs.digest import check_digester
 
 from . import media
 from .chunkdict import load_chunk_dict
@@ -34,7 +46,7 @@ from .store import Descriptor, ImageStore, Platform, open_store
 class ConvertOptions:
     chunk_size: int = rblob.CHUNK_SIZE_DEFAULT
     compressor: str = "zstd"
-    digester: str = "sha256"
+    digester: str = "blake3"                # Nydus's default
     chunk_dict: str | None = None
     prefetch_patterns: list = field(default_factory=list)   # pattern lines (str) or prefetch.Pattern
     platform: str | None = None          # None: every platform of an index
@@ -52,14 +64,21 @@ class ConvertedManifest:
     source_bytes: int
 
 
+OS_FEATURE_NYDUS = "nydus.remoteimage.v1"    # what nydus-snapshotter looks for in an index's platforms
+BLOB_META_SUFFIX = ".blob.meta"
+
+
 def convert(source: str, target: str, opts: ConvertOptions) -> list[ConvertedManifest]:
     rblob.validate_chunk_size(opts.chunk_size)
+    opts = dataclasses.replace(opts, compressor=check_compressor(canonical_compressor(opts.compressor)),
+                               digester=check_digester(opts.digester))
     as_patterns(opts.prefetch_patterns)      # a malformed line fails now, not after the layers are read
     with open_store(source, plain_http=opts.plain_http) as src, \
             open_store(target, plain_http=opts.plain_http, create=True) as dst, \
             tempfile.TemporaryDirectory(prefix="nydusify-") as workdir, \
             ThreadPoolExecutor(opts.workers, thread_name_prefix="chunk") as pool:
-        chunk_dict = load_chunk_dict(opts.chunk_dict, dst, opts.plain_http) if opts.chunk_dict else None
+        chunk_dict = load_chunk_dict(opts.chunk_dict, dst, opts.plain_http, digester=opts.digester,
+                                     chunk_size=opts.chunk_size) if opts.chunk_dict else None
         top = src.resolve()
         entries = src.manifests_for(top, opts.platform)
         if not entries:
@@ -74,7 +93,7 @@ def convert(source: str, target: str, opts: ConvertOptions) -> list[ConvertedMan
                 "schemaVersion": 2,
                 "mediaType": media.OCI_INDEX,
                 "manifests": [{**{k: v for k, v in r.descriptor.items() if k != "_data"},
-                           "platform": _platform_obj(r.platform)} for r in results],
+                               "platform": _nydus_platform(_platform_obj(r.platform))} for r in results],
             }
             dst.tag(_json(index), media.OCI_INDEX)
         else:
@@ -116,14 +135,15 @@ def _convert_manifest(src: ImageStore, dst: ImageStore, desc: Descriptor, platfo
     root = merge_layers(trees)
     prefetch = expand_prefetch(root, opts.prefetch_patterns)
     own, owner = pack_blobs(stages, workdir, opts.compressor, opts.digester, chunk_dict,
-                            head=prefetch_digests(root, prefetch, opts.chunk_size))
+                            head=prefetch_digests(root, prefetch, opts.chunk_size), chunk_size=opts.chunk_size)
     table = resolve_chunks(root, own, owner, chunk_dict)
     meta = RafsMeta(chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
                     blobs=[b.info for b in table], prefetch=prefetch)
     boot_path = os.path.join(workdir, "image.boot")
     with open(boot_path, "wb") as f:
         write_bootstrap(root, meta, f)
-    boot_layer, boot_diff_id = _bootstrap_layer(boot_path, os.path.join(workdir, "bootstrap.tar.gz"))
+    boot_layer, boot_diff_id = _bootstrap_layer(boot_path, os.path.join(workdir, "bootstrap.tar.gz"),
+                                                [b for b in table if b.blob_meta])
 
     uploaded = 0
     layer_descs = []
@@ -163,8 +183,9 @@ def _copy_dict_blob(store: ImageStore, dst: ImageStore, digest: str, workdir: st
     return dst.put_blob(digest, path)
 
 
-def _bootstrap_layer(boot_path: str, out_path: str) -> tuple[str, str]:
-    """A reproducible gzip tar holding image/image.boot; returns (path, diff_id)."""
+def _bootstrap_layer(boot_path: str, out_path: str, own: list[PackedBlob] = ()) -> tuple[str, str]:
+    """A reproducible gzip tar holding image/image.boot (+ image/<id>.blob.meta per blob of `own`),
+    laid out as nydusify's: the `image` dir 0755, members 0444, ustar headers. Returns (path, diff_id)."""
     diff = hashlib.sha256()
 
     class _Tee(io.RawIOBase):
@@ -178,16 +199,22 @@ def _bootstrap_layer(boot_path: str, out_path: str) -> tuple[str, str]:
             diff.update(b)
             return self.gz.write(b)
 
+    def member(name: str, size: int) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mode, ti.mtime = size, 0o444, 0
+        return ti
+
     with open(out_path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=6) as gz:
-        with tarfile.open(fileobj=_Tee(gz), mode="w|", format=tarfile.PAX_FORMAT) as tf:
-            for d in ("image",):
-                ti = tarfile.TarInfo(d)
-                ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 0
-                tf.addfile(ti)
-            ti = tarfile.TarInfo("image/image.boot")
-            ti.size, ti.mode, ti.mtime = os.path.getsize(boot_path), 0o644, 0
+        with tarfile.open(fileobj=_Tee(gz), mode="w|", format=tarfile.USTAR_FORMAT) as tf:
+            ti = tarfile.TarInfo("image")
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 0
+            tf.addfile(ti)
             with open(boot_path, "rb") as f:
-                tf.addfile(ti, f)
+                tf.addfile(member(media.BOOTSTRAP_NAME, os.path.getsize(boot_path)), f)
+            for b in own:
+                if b.blob_meta:
+                    tf.addfile(member(f"image/{b.info.blob_id}{BLOB_META_SUFFIX}", len(b.blob_meta)),
+                               io.BytesIO(b.blob_meta))
     return out_path, "sha256:" + diff.hexdigest()
 
 
@@ -218,3 +245,11 @@ def _platform_obj(platform: Platform | str | None) -> dict:
     if len(parts) > 2:
         obj["variant"] = parts[2]
     return obj
+
+
+def _nydus_platform(platform: dict) -> dict:
+    """An index entry's platform, marked as a nydus image (nydus-snapshotter's index detector)."""
+    features = list(platform.get("os.features") or [])
+    if OS_FEATURE_NYDUS not in features:
+        features.append(OS_FEATURE_NYDUS)
+    return {**platform, "os.features": features}

@@ -2,6 +2,7 @@
 
 The result is what the kernel's EROFS driver mounts directly:
 mount(2) DIR/image.boot as erofs with device=DIR/devices/0,device=DIR/devices/1,...
+REF may also be a local bootstrap or blob file with --blob-dir (`nydus_image.open_local`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .nydus_image import NydusImage
 
 
 def export(image: NydusImage, out_dir: str) -> list[str]:
+    """Writes every chunk the bootstrap's chunk table lists, verified, at its place in the view."""
     dev_dir = os.path.join(out_dir, "devices")
     os.makedirs(dev_dir, exist_ok=True)
     devices = []
@@ -20,9 +22,10 @@ def export(image: NydusImage, out_dir: str) -> list[str]:
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
             f.truncate(info.uncompressed_size)     # sparse: only chunk data is written
-            for entry in reader.toc:
-                f.seek(entry.uncompressed_offset)
-                f.write(reader.read_chunk(entry))
+            for batch in _batches(info.entries):
+                for entry, data in zip(batch, reader.read_chunks(batch)):
+                    f.seek(entry.uncompressed_offset)
+                    f.write(data)
         os.replace(tmp, path)
         devices.append(path)
     boot_path = os.path.join(out_dir, "image.boot")
@@ -30,3 +33,16 @@ def export(image: NydusImage, out_dir: str) -> list[str]:
         f.write(image.raw_bootstrap)
     os.replace(boot_path + ".tmp", boot_path)
     return devices
+
+
+def _batches(entries, limit: int = 16 << 20):
+    """Runs of entries of about `limit` plain bytes: one `read_chunks` (a few range reads) each."""
+    batch, size = [], 0
+    for e in entries:
+        batch.append(e)
+        size += e.uncompressed_size
+        if size >= limit:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

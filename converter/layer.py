@@ -2,8 +2,9 @@
 
 The tar is read once, streaming (gzip, zstd or plain, detected by magic), so
 memory stays bounded by one chunk per worker whatever the layer's size. Each
-regular file is cut into fixed-size chunks; an all-zero chunk becomes a hole.
-What happens to a chunk's bytes is the `ChunkSink`'s business: the converter
+regular file is cut into fixed-size chunks. An all-zero chunk is an ordinary
+chunk (RAFS v6 has no holes: Nydus rejects a chunk index without a blob), and
+like every repeated chunk it is stored once. What happens to a chunk's bytes is the `ChunkSink`'s business: the converter
 compresses and stages them, `check` only needs their digests.
 
 Whiteouts are not tree entries: they are recorded beside the tree and applied
@@ -55,7 +56,7 @@ class LayerError(ValueError):
 
 class ChunkSink(Protocol):
     def add(self, data: bytes, digest: bytes) -> None:
-        """Called once per distinct non-zero chunk of the layer, in first-seen order."""
+        """Called once per distinct chunk of the layer (all-zero ones too), in first-seen order."""
 
 
 @dataclass
@@ -240,7 +241,6 @@ class LayerReader:
         self.seen = set() if seen is None else seen   # digests already given to the sink
         self.tree = LayerTree()
         self.progress = progress
-        self._zero = memoryview(bytes(chunk_size))   # sliced without copying
 
     def read(self, raw: BinaryIO, diff_id: str | None = None) -> LayerTree:
         """Reads the whole stream; `diff_id` (sha256 of the plain tar) is checked when given."""
@@ -349,8 +349,8 @@ class LayerReader:
         parent.entries.pop(base, None)
         self.tree.outer_links.append((path, b"/".join(target_parts)))
 
-    def _chunks(self, f: BinaryIO, size: int, name: bytes) -> list[ChunkRef | None]:
-        chunks: list[ChunkRef | None] = []
+    def _chunks(self, f: BinaryIO, size: int, name: bytes) -> list[ChunkRef]:
+        chunks: list[ChunkRef] = []
         remaining = size
         while remaining > 0:
             want = min(self.chunk_size, remaining)
@@ -360,9 +360,6 @@ class LayerReader:
             remaining -= want
             if self.progress:
                 self.progress(want)
-            if data == self._zero[:want]:
-                chunks.append(None)
-                continue
             d = digests.digest(self.digester, data)
             chunks.append(ChunkRef(d, want))
             if d not in self.seen:

@@ -1,12 +1,14 @@
 """`nydusify mount | umount | stats`: a converted image, lazily, at a mountpoint.
 
     nydusify mount REF MOUNTPOINT [--mode auto|fuse|erofs] [--cache-dir DIR] [--prefetch-all]
-                   [--plain-http] [--platform P] [--daemon [--pid-file F]]
+                   [--plain-http] [--platform P] [--blob-dir DIR] [--daemon [--pid-file F]]
     nydusify umount MOUNTPOINT
     nydusify stats MOUNTPOINT [--json]
 
 REF is a registry reference (blobs are read with HTTP Range requests, same
-auth as convert) or `oci:DIR[:TAG]` (blobs read from the layout). The mount
+auth as convert) or `oci:DIR[:TAG]` (blobs read from the layout), or a local
+bootstrap file with `--blob-dir DIR` (blob files named by blob id, as nydusd's
+localfs backend), or a blob file carrying its own bootstrap. The mount
 is up once the bootstrap is fetched; chunks are fetched, verified and cached
 in --cache-dir when read. The daemon itself is `rafs.daemon.MountDaemon`.
 """
@@ -24,16 +26,17 @@ from rafs.storage.factory import BackendConfig, CacheConfig, build_backend
 
 from p2p.cli import add_mount_options as add_p2p_options, mount_caches
 
-from .nydus_image import load_from_store
+from .nydus_image import load_from_store, open_local
 from .refs import parse_ref
 from .store import open_store
 
 DEFAULT_CACHE_DIR = "/var/lib/pynydus/cache"
 
 
-def add_parsers(sub, common) -> None:
+def add_parsers(sub, common, add_blob_dir=None) -> None:
     m = sub.add_parser("mount", help="mount a converted image lazily at MOUNTPOINT")
-    m.add_argument("ref", help="HOST/REPO:TAG or oci:DIR[:TAG] of a converted image")
+    m.add_argument("ref", help="HOST/REPO:TAG or oci:DIR[:TAG] of a converted image, or a local bootstrap "
+                               "file (with --blob-dir) or blob file carrying its own bootstrap")
     m.add_argument("mountpoint")
     m.add_argument("--mode", choices=MODES, default="auto",
                    help="erofs: kernel EROFS over FUSE blob files; fuse: all in FUSE; "
@@ -43,6 +46,8 @@ def add_parsers(sub, common) -> None:
     m.add_argument("--daemon", action="store_true", help="detach; return once the mount is ready")
     m.add_argument("--pid-file", help="write the daemon's pid here")
     m.add_argument("--run-dir", help="state directory root (default $PYNYDUS_RUN_DIR or /run/pynydus)")
+    if add_blob_dir is not None:
+        add_blob_dir(m)
     add_p2p_options(m)
     common(m)
 
@@ -56,8 +61,17 @@ def add_parsers(sub, common) -> None:
     s.add_argument("--run-dir", help="state directory root")
 
 
-def open_image(ref: str, *, plain_http: bool = False, platform: str | None = None):
-    """(raw bootstrap, blob backend, description) of a converted image reference."""
+def open_image(ref: str, *, plain_http: bool = False, platform: str | None = None,
+               blob_dir: str | None = None):
+    """(raw bootstrap, blob backend, description) of a converted image reference, or of a local
+    bootstrap or blob file (`nydus_image.open_local`) whose blobs are files in `blob_dir`."""
+    if os.path.isfile(ref):
+        image = open_local(ref, blob_dir)
+        if image.backend is None:
+            raise ValueError(f"{ref} is a bootstrap file: give --blob-dir DIR, the folder of its blob files")
+        return image.raw_bootstrap, image.backend, {"ref": os.path.abspath(ref), "backend": image.backend.name}
+    if blob_dir is not None:
+        raise ValueError(f"--blob-dir goes with a local bootstrap or blob file; {ref} is not a file")
     r = parse_ref(ref)
     with open_store(r, plain_http=plain_http) as store:
         image = load_from_store(store, platform)
@@ -71,6 +85,12 @@ def open_image(ref: str, *, plain_http: bool = False, platform: str | None = Non
 
 
 def _mount(args) -> int:
+    # --daemon forks and changes to "/": relative paths are taken from here, before
+    for name in ("mountpoint", "cache_dir", "run_dir", "pid_file", "blob_dir"):
+        if getattr(args, name, None):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    if os.path.isfile(args.ref):
+        args.ref = os.path.abspath(args.ref)
     paths = state_paths(args.mountpoint, args.run_dir)
     notify = None
     if args.daemon:
@@ -81,7 +101,8 @@ def _mount(args) -> int:
             return 0 if ok else 1
         notify = result
     try:
-        raw, backend, desc = open_image(args.ref, plain_http=args.plain_http, platform=args.platform)
+        raw, backend, desc = open_image(args.ref, plain_http=args.plain_http, platform=args.platform,
+                                        blob_dir=getattr(args, "blob_dir", None))
         caches = mount_caches(backend, CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS), args)
         desc["cache_dir"] = os.path.abspath(args.cache_dir)
         try:
@@ -131,8 +152,8 @@ def render_stats(st: dict) -> str:
         f"mountpoint  {st['mountpoint']}  ({st['mode']} mode, pid {st['pid']}, up {st['uptime_s']:.1f} s)",
         f"image       {st.get('ref', '?')}  ({st['blobs']} blobs, {_mb(st['image_bytes'])} compressed)",
         f"fetched     {_mb(st['bytes_fetched'])} of chunks in {st['requests']} requests "
-        f"({st['request_errors']} failed), {_mb(st.get('backend_bytes', 0))} from the backend in all "
-        f"(TOCs too); prefetch {_mb(st['prefetch_bytes'])} ({st['prefetch']})",
+        f"({st['request_errors']} failed), {_mb(st.get('backend_bytes', 0))} from the backend in all; "
+        f"prefetch {_mb(st['prefetch_bytes'])} ({st['prefetch']})",
         f"chunks      {st['chunks_hit']} hit, {st['chunks_missed']} missed, {st['chunks_fetched']} "
         f"fetched, {st['verify_failures']} failed verification",
         f"latency     p50 {lat.get('p50', 0)} ms, p90 {lat.get('p90', 0)} ms, p99 {lat.get('p99', 0)} ms, "

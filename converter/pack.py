@@ -13,6 +13,7 @@ then one contiguous run per blob, i.e. a few large range requests.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -82,55 +83,64 @@ class ChunkStage:
 
 @dataclass
 class PackedBlob:
-    info: BlobInfo
+    info: BlobInfo           # blob-table entry, with the chunks this image uses in `info.entries`
     path: str | None         # local file of a blob this conversion wrote; None for chunk-dict blobs
+    blob_meta: bytes = b""   # of a blob written here: its `<id>.blob.meta` (ci array padded to 4 KiB + ci header)
+
+
+Owner = tuple[str, rblob.ChunkEntry]     # (blob id, the chunk's entry in that blob)
 
 
 @dataclass
 class ChunkDict:
-    """Chunks another image already stores: digest -> (blob id, uncompressed offset)."""
+    """Chunks another image already stores: digest -> (blob id, its ChunkEntry).
+
+    Filled from a bootstrap's blob table and chunk table (`BlobInfo.entries`): no blob is read.
+    """
     blobs: dict[str, BlobInfo] = field(default_factory=dict)
-    chunks: dict[bytes, tuple[str, int]] = field(default_factory=dict)
+    chunks: dict[bytes, Owner] = field(default_factory=dict)
     store: object = None     # the ImageStore holding the dict's blobs, to copy them to a target
 
-    def add_blob(self, info: BlobInfo, toc: list[rblob.ChunkEntry]) -> None:
-        self.blobs[info.blob_id] = info
-        for entry in toc:
-            self.chunks.setdefault(entry.digest, (info.blob_id, entry.uncompressed_offset))
+    def add_blob(self, info: BlobInfo) -> None:
+        """Every chunk `info.entries` lists becomes reusable; the first blob to offer a digest keeps it."""
+        self.blobs.setdefault(info.blob_id, info)
+        for entry in info.entries:
+            self.chunks.setdefault(entry.digest, (info.blob_id, entry))
 
 
 def pack_blobs(stages: list[ChunkStage], workdir: str, compressor: str, digester: str,
-               chunk_dict: ChunkDict | None = None, head: list[bytes] = ()
-               ) -> tuple[list[PackedBlob], dict[bytes, tuple[str, int]]]:
+               chunk_dict: ChunkDict | None = None, head: list[bytes] = (), *,
+               chunk_size: int = rblob.CHUNK_SIZE_DEFAULT) -> tuple[list[PackedBlob], dict[bytes, Owner]]:
     """Write one blob per layer holding the chunks no lower layer or dict holds.
 
     `head`: digests to put first in whichever blob owns them, in this order (the prefetch list's).
-    Returns the blobs this conversion made and `owner`: digest -> (blob id, offset).
+    Returns the blobs this conversion made and `owner`: digest -> (blob id, ChunkEntry).
     Layers that add no chunk get no blob.
     """
-    owner: dict[bytes, tuple[str, int]] = dict(chunk_dict.chunks) if chunk_dict else {}
+    owner: dict[bytes, Owner] = dict(chunk_dict.chunks) if chunk_dict else {}
+    claimed: set[bytes] = set()
     packed: list[PackedBlob] = []
     for i, stage in enumerate(stages):
         tmp = os.path.join(workdir, f"blob-{i}.tmp")
-        placed: list[tuple[bytes, int]] = []
+        placed: list[rblob.ChunkEntry] = []
         with open(stage.path, "rb") as src, open(tmp, "wb") as out:
             writer = rblob.BlobWriter(out, compressor=compressor, digester=digester)
             for sc in _head_first(stage.chunks, head):
-                if sc.digest in owner:
+                if sc.digest in owner or sc.digest in claimed:
                     continue
                 src.seek(sc.offset)
-                entry = writer.add_compressed(src.read(sc.size), sc.plain_size, sc.digest, sc.flags)
-                placed.append((sc.digest, entry.uncompressed_offset))
-                owner[sc.digest] = ("", -1)   # claimed; blob id known after finish()
+                placed.append(writer.add_compressed(src.read(sc.size), sc.plain_size, sc.digest, sc.flags))
+                claimed.add(sc.digest)      # blob id known after finish()
             summary = writer.finish() if placed else None
+            blob_meta = writer.blob_meta_file if placed else b""
         if summary is None:
             os.unlink(tmp)
             continue
-        for d, off in placed:
-            owner[d] = (summary.blob_id, off)
+        for entry in summary.entries:
+            owner[entry.digest] = (summary.blob_id, entry)
         path = os.path.join(workdir, f"blob-{summary.blob_id}")
         os.replace(tmp, path)
-        packed.append(PackedBlob(blob_info(summary), path))
+        packed.append(PackedBlob(BlobInfo.from_summary(summary, chunk_size), path, blob_meta))
     return packed, owner
 
 
@@ -144,26 +154,33 @@ def _head_first(chunks: list[StagedChunk], head: list[bytes]) -> list[StagedChun
     return first + [sc for sc in chunks if sc.digest not in moved]
 
 
-def blob_info(summary) -> BlobInfo:
-    return BlobInfo(blob_id=summary.blob_id, compressed_size=summary.compressed_size,
-                    uncompressed_size=summary.uncompressed_size, chunk_count=summary.chunk_count,
-                    toc_offset=summary.toc_offset, toc_size=summary.toc_size,
-                    toc_digest=summary.toc_digest, compressor=summary.compressor,
-                    digester=summary.digester)
-
-
-def resolve_chunks(root: Inode, own: list[PackedBlob], owner: dict[bytes, tuple[str, int]],
+def resolve_chunks(root: Inode, own: list[PackedBlob], owner: dict[bytes, Owner],
                    chunk_dict: ChunkDict | None) -> list[PackedBlob]:
-    """Point every chunk of the tree at its blob; returns the blob table (own blobs, then dict blobs used)."""
-    table = list(own)
-    index = {b.info.blob_id: i for i, b in enumerate(table)}
+    """Point every chunk of the tree at its blob; returns the blob table: the blobs written here
+    that the tree uses, in layer order, then the chunk-dict blobs it uses, in first-use order.
+
+    Each blob's `info.entries` becomes the chunks the tree references, in uncompressed-offset
+    order: what the bootstrap's chunk table lists, as Nydus's (a layer blob may also hold chunks
+    of files an upper layer replaced; a chunk-dict blob holds another image's chunks).
+    `chunk_count` stays the blob's own count (its ci array's length). A blob written here that
+    no file uses (every chunk of it replaced by an upper layer) is left out.
+    """
+    used: dict[str, dict[int, rblob.ChunkEntry]] = {}       # blob id -> ci index -> entry, first use order
+    refs = []
     for _, node in walk(root):
         for ref in node.chunks:
-            if ref is None:
+            if ref is None:                 # the converter makes no holes; a tree may still hold one
                 continue
-            blob_id, offset = owner[ref.digest]
-            if blob_id not in index:          # a chunk-dict blob, first use
-                index[blob_id] = len(table)
-                table.append(PackedBlob(chunk_dict.blobs[blob_id], None))
-            ref.blob_index, ref.offset = index[blob_id], offset
+            blob_id, entry = owner[ref.digest]
+            used.setdefault(blob_id, {})[entry.index] = entry
+            refs.append((ref, blob_id, entry))
+    own_ids = {b.info.blob_id for b in own}
+    table = [b for b in own if b.info.blob_id in used]
+    table += [PackedBlob(chunk_dict.blobs[i], None) for i in used if i not in own_ids]
+    index = {b.info.blob_id: i for i, b in enumerate(table)}
+    for ref, blob_id, entry in refs:
+        ref.blob_index, ref.offset, ref.ci_index = index[blob_id], entry.uncompressed_offset, entry.index
+    for b in table:
+        entries = sorted(used[b.info.blob_id].values(), key=lambda e: e.uncompressed_offset)
+        b.info = dataclasses.replace(b.info, entries=entries)
     return table

@@ -17,14 +17,16 @@ from, in order:
 4. the origin, for what the tracker granted this node (nobody holds or fetches
    it) and as the fallback for everything that failed above.
 
-Verification is airtight by construction: every unit (chunk payload, or TOC +
-footer) that comes from a peer is verified here against the bootstrap's
-digests before it is stored, re-served or returned; a peer whose bytes fail is
+Verification is airtight by construction: every unit (a chunk payload of the
+bootstrap's chunk table, `node`) that comes from a peer is verified here
+against its digest there before it is stored, re-served or returned; a peer whose bytes fail is
 penalized (`bad_data_penalty` seconds) and the unit is fetched from the
 origin. The blob cache then verifies every chunk once more, as it does for
 every backend. Only units verified here are stored and served to others.
-Blobs the node was not told about (`PeerNode.expect`) go straight to the
-origin. Registry credentials live in the origin backend's client; peers are
+Bytes outside every unit (chunks of the blob this image does not use, the
+blob's own metadata) are origin-only; `read_sparse` (what the blob cache
+calls) does not fetch them at all when the caller does not need them. Blobs
+the node was not told about (`PeerNode.expect`) go straight to the origin. Registry credentials live in the origin backend's client; peers are
 reached by a separate, credential-free client (`PeerClient`).
 
 Stats (`source_stats()["p2p"]`): bytes from peers / mirrors / the registry per
@@ -41,9 +43,11 @@ from typing import Callable
 
 from rafs.errors import BackendError, FormatError, IntegrityError
 from rafs.storage.backend import BlobBackend, MirrorBackend, RegistryBackend
+from rafs.storage.backend.base import normalize_blob_id
+from rafs.storage.chunks import MAX_MERGE_GAP
 
 from .discovery import Discovery, Plan
-from .node import META, BlobState, PeerNode
+from .node import BlobState, PeerNode
 from .peerclient import PeerBusy, PeerClient, PeerFailed, PeerMiss
 from .ranges import RangeSet
 
@@ -92,19 +96,23 @@ class _Tap(BlobBackend):
         self.inner.close()
 
 
-def _runs(units: list[int], st: BlobState, limit: int) -> list[list[int]]:
-    """Split sorted units into runs that are contiguous in the blob and at most `limit` bytes
-    (a single unit may exceed it)."""
+def _runs(units: list[int], st: BlobState, limit: int, gap: int = 0) -> list[list[int]]:
+    """Split units (in blob order) into runs that are contiguous in the blob and span at most
+    `limit` bytes (a single unit may exceed it). With `gap` (origin requests), a run may also
+    step over up to `gap` bytes that belong to no unit (never over another unit's bytes, which
+    may come from a peer); peers are asked for gap-free runs only, they serve nothing else."""
     out: list[list[int]] = []
-    size = 0
+    start = 0
     for u in units:
         a, b = st.extent(u)
-        if out and st.extent(out[-1][-1])[1] == a and size + (b - a) <= limit:
-            out[-1].append(u)
-            size += b - a
-        else:
-            out.append([u])
-            size = b - a
+        if out and b - start <= limit:
+            prev = out[-1][-1]
+            d = a - st.extent(prev)[1]
+            if d == 0 or (0 < d <= gap and st.after(prev) == u):
+                out[-1].append(u)
+                continue
+        out.append([u])
+        start = a
     return out
 
 
@@ -188,6 +196,27 @@ class P2PBackend(BlobBackend):
         return again if again is not None else self.origin.read_range(blob_id, offset, size)
 
     def _read_range(self, blob_id: str, offset: int, size: int) -> bytes:
+        return self._read(blob_id, offset, size, None)
+
+    def read_sparse(self, blob_id: str, offset: int, size: int,
+                    wanted: list[tuple[int, int]]) -> bytes:
+        """Only the units overlapping `wanted` are fetched; the other bytes are zeros."""
+        hex_id = normalize_blob_id(blob_id)
+        if offset < 0 or size < 0:
+            raise ValueError(f"bad range: offset {offset}, size {size}")
+        if size == 0:
+            return b""
+        try:
+            data = self._read(hex_id, offset, size, RangeSet(wanted))
+        except BackendError:
+            self.counters.error()
+            raise
+        self.counters.ok(size)
+        return data
+
+    def _read(self, blob_id: str, offset: int, size: int, wanted: RangeSet | None) -> bytes:
+        """Bytes [offset, offset+size): units from peers / the origin (verified), bytes outside
+        the units from the origin; with `wanted`, only what overlaps it (the rest zeros)."""
         st = self.node.get(blob_id)
         if st is None:                       # not a shared blob: the origin only
             return self.origin.read_range(blob_id, offset, size)
@@ -195,15 +224,32 @@ class P2PBackend(BlobBackend):
         if end > st.size:
             raise BackendError(f"{self.name}: [{offset}, {end}) runs past the end of blob "
                                f"sha256:{blob_id} ({st.size} bytes)")
-        if st.toc is None and offset < st.toc_offset:
-            self._ensure(st, [META])          # learn the TOC (verified) to know the units
-            if st.toc is None:                # the origin's TOC is bad: let the cache say so
-                return self.origin.read_range(blob_id, offset, size)
-        units = st.units_for(offset, end)
-        got = self._ensure(st, units)
-        base = st.extent(units[0])[0]
-        buf = b"".join(got[u] for u in units)
-        return buf[offset - base:end - base]
+        need = RangeSet.single(offset, end)
+        if wanted is not None:
+            need = need & wanted
+        units: list[int] = []
+        seen: set[int] = set()
+        for a, b in need:
+            for u in st.units_for(a, b):
+                if u not in seen:
+                    seen.add(u)
+                    units.append(u)
+        outside = need - st.ranges_of(units)      # bytes of no unit: origin-only
+        if wanted is None and not outside and units:
+            got = self._ensure(st, units)
+            base = st.extent(units[0])[0]
+            buf = got[units[0]] if len(units) == 1 else b"".join(got[u] for u in units)
+            return buf[offset - base:end - base]
+        out = bytearray(size)
+        for a, b in outside:
+            out[a - offset:b - offset] = self.origin.read_range(blob_id, a, b - a)
+        if units:
+            got = self._ensure(st, units)
+            for u in units:
+                a, b = st.extent(u)
+                lo, hi = max(a, offset), min(b, end)
+                out[lo - offset:hi - offset] = memoryview(got[u])[lo - a:hi - a]
+        return bytes(out)
 
     # ------------------------------------------------------------------ fetching
     def _ensure(self, st: BlobState, units: list[int]) -> dict[int, bytes]:
@@ -278,18 +324,18 @@ class P2PBackend(BlobBackend):
                    ) -> list[int]:
         """Chunks right after `last` (not wanted now, not held, not in flight here) to ask a
         holder for in the same GET, up to `peer_readahead` bytes; marked in flight (`extras`)."""
-        if not self.peer_readahead or last < 0 or st.toc is None:
+        if not self.peer_readahead:
             return []
         cand = []
         size = 0
-        u = last + 1
-        while u < len(st.toc) and u not in wanted:
-            c = st.toc[u].compressed_size
-            if size + c > self.peer_readahead:
+        u = st.next_unit(last)
+        while u is not None and u not in wanted:
+            a, b = st.extent(u)
+            if size + b - a > self.peer_readahead:
                 break
             cand.append(u)
-            size += c
-            u += 1
+            size += b - a
+            u = st.next_unit(u)
         mine, _ = st.begin(cand)
         out = []
         for u in cand:                        # only the contiguous prefix we could mark
@@ -345,7 +391,7 @@ class P2PBackend(BlobBackend):
                              self._wait_task(st, run, addr, ahead))
         # from the origin: what was granted, and anything the plan left out
         rest = [u for u in units if u not in holders and u not in waits]
-        for run in _runs(rest, st, 1 << 62):
+        for run in _runs(rest, st, 1 << 62, MAX_MERGE_GAP):
             tasks.append(lambda run=run: (self._from_origin(st, run), RangeSet()))
         return tasks
 
@@ -491,7 +537,8 @@ class P2PBackend(BlobBackend):
         """Units from the origin; ones that fail verification are passed on unverified (the
         blob cache reports the corrupt blob), never stored or served."""
         out: dict[int, tuple[bytes, bool]] = {}
-        for run in _runs(sorted(units, key=lambda u: st.extent(u)[0]), st, 1 << 62):
+        for run in _runs(sorted(units, key=lambda u: st.extent(u)[0]), st, 1 << 62,
+                         MAX_MERGE_GAP):
             a, b = st.extent(run[0])[0], st.extent(run[-1])[1]
             data = self.origin.read_range(st.blob_id, a, b - a)
             ok, bad = self._split(st, run, data, "the origin")

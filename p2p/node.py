@@ -1,16 +1,20 @@
 """What one node knows and holds of each blob it shares: units, their state, the payload file.
 
-A blob, as stored, is cut into *units* that can each be verified on their own:
+A blob, as stored, holds the chunk payloads the bootstrap's chunk table lists
+(and, Nydus-style, tar headers, the compression-info array, digests, a ToC
+and maybe a bootstrap after them). The P2P layer moves *units*: unit u is the
+stored payload of the chunk with ci index u, [compressed_offset,
+compressed_end), taken from `BlobInfo.entries` (the bootstrap's chunk table,
+trusted: the manifest digest covers the bootstrap) and verified on its own
+against the chunk digest there (`rafs.blob.decode_chunk`). Units need not be
+back to back in the blob: bytes outside every unit (a chunk-dict blob's
+chunks this image does not use, the blob's metadata) are never stored, served
+or asked from peers; they are origin-only.
 
-* unit i < chunk_count: chunk i's stored payload, [compressed_offset,
-  compressed_end), trusted through the chunk digest in the TOC;
-* the meta unit (index `META`, -1): the TOC and the footer, [toc_offset,
-  blob_size), trusted through the TOC digest in the bootstrap's blob table
-  (and the footer must be byte-for-byte what its parsed fields pack to).
-
-Chunks are stored back to back, then the TOC, then the footer (`rafs.blob`),
-so the units tile the whole blob: any byte range of it can be served and
-verified unit by unit.
+Several bootstraps may use one blob (different chunks of a chunk-dict blob):
+`BlobState.add(info)` adds the units of another record of the blob; a unit
+that contradicts one already known (other bytes or digest for a ci index,
+or overlapping bytes) is left out, with a warning.
 
 `BlobState` tracks, per unit, MISSING / UNCHECKED (a payload file from an
 earlier run may hold it; verified on first use) / VERIFIED (checked in this
@@ -31,11 +35,10 @@ from typing import Iterable
 
 import xxhash
 
-from rafs.blob import FOOTER_SIZE, ChunkEntry, Footer, parse_toc, read_footer
-from rafs.compress import decompress
-from rafs.digest import digest as digest_of
+from rafs.blob import ChunkEntry, decode_chunk
 from rafs.errors import FormatError, IntegrityError
 from rafs.storage.backend.base import normalize_blob_id
+from rafs.storage.chunks import blob_chunks
 
 from .ranges import RangeSet
 from .store import PayloadFile
@@ -43,32 +46,6 @@ from .store import PayloadFile
 log = logging.getLogger(__name__)
 
 MISSING, UNCHECKED, VERIFIED = 0, 1, 2
-META = -1                          # unit id of the TOC + footer (chunks are 0..chunk_count-1)
-
-_INFO_FIELDS = ("uncompressed_size", "chunk_count", "toc_offset", "toc_size", "compressor",
-                "digester")
-
-
-def check_meta(info, data: bytes) -> tuple[Footer, list[ChunkEntry]]:
-    """Verify the meta unit (TOC + footer bytes) of blob `info`; returns (footer, TOC).
-
-    Raises IntegrityError / FormatError. Trust comes from `info.toc_digest`
-    (the bootstrap); the footer must also be canonical (exactly what its
-    fields pack to) and agree with every field the bootstrap records.
-    """
-    if len(data) < FOOTER_SIZE:
-        raise FormatError(f"meta unit is {len(data)} bytes, shorter than a footer")
-    tail = data[-FOOTER_SIZE:]
-    footer = read_footer(tail, info.compressed_size)
-    if footer.pack() != bytes(tail):
-        raise IntegrityError("blob footer bytes are not canonical")
-    for field in _INFO_FIELDS:
-        want = getattr(info, field, None)
-        if want is not None and want != getattr(footer, field):
-            raise IntegrityError(f"blob footer says {field} is {getattr(footer, field)!r}, "
-                                 f"the bootstrap says {want!r}")
-    toc = parse_toc(bytes(data[:-FOOTER_SIZE]), footer, trusted_digest=info.toc_digest)
-    return footer, toc
 
 
 class BlobState:
@@ -76,121 +53,147 @@ class BlobState:
 
     def __init__(self, info, store_dir: str | os.PathLike):
         self.blob_id = normalize_blob_id(info.blob_id)
+        self.name = f"blob sha256:{self.blob_id}"
+        chunks = blob_chunks(info, self.name)       # FormatError if the record is bad
         self.info = info
-        self.size = int(info.compressed_size)
-        self.toc_offset = int(info.toc_offset)
-        if not 0 <= self.toc_offset < self.size:
-            raise FormatError(f"blob sha256:{self.blob_id}: TOC offset {self.toc_offset} is "
-                              f"outside the blob ({self.size} bytes)")
+        self.size = chunks.blob_size
+        self.compressor = chunks.compressor
+        self.digester = chunks.digester
         self.file = PayloadFile(store_dir, self.blob_id, self.size)
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
-        self.footer: Footer | None = None
-        self.toc: list[ChunkEntry] | None = None
-        self._starts: list[int] = []
-        # unit state: chunks in _state/_xxh (empty until the TOC is known), the meta unit apart
-        self._state = bytearray()
-        self._xxh: list[int] = []
-        self._meta_state = MISSING
-        self._meta_xxh = 0
+        self._units: dict[int, ChunkEntry] = {}     # unit id (ci index) -> its chunk
+        self._starts: list[int] = []                # compressed offsets of the units, sorted
+        self._order: list[int] = []                 # unit ids in blob order
+        self._state: dict[int, int] = {}
+        self._xxh: dict[int, int] = {}
         self.inflight: dict[int, threading.Event] = {}
         self._candidates = self.file.data_extents()
-        if self._candidates.covers(self.toc_offset, self.size):
-            self._meta_state = UNCHECKED
-            if self.read_unit(META) is None:     # learns the TOC if the stored meta unit is good
-                log.info("blob sha256:%s: stored TOC unusable, starting empty", self.blob_id)
+        self._add(chunks.entries)
 
     # ------------------------------------------------------------------ units
+    def add(self, info) -> int:
+        """Add the units of another record of this blob (another bootstrap's chunk table);
+        returns how many were new. FormatError if the record does not describe this blob."""
+        if normalize_blob_id(info.blob_id) != self.blob_id:
+            raise ValueError(f"{self.name}: record of another blob")
+        if info is self.info:
+            return 0
+        chunks = blob_chunks(info, self.name)
+        if (chunks.blob_size, chunks.compressor, chunks.digester) != \
+                (self.size, self.compressor, self.digester):
+            raise FormatError(f"{self.name}: two bootstraps disagree about the blob's size, "
+                              "compressor or digester")
+        return self._add(chunks.entries)
+
+    def _add(self, entries: Iterable[ChunkEntry]) -> int:
+        added = 0
+        with self.lock:
+            new = [e for e in entries if self._known(e)]
+            new.sort(key=lambda e: e.compressed_offset)
+            bulk = not self._order                # the first record: build the lists at once
+            for e in new:
+                if bulk:
+                    k = len(self._order)
+                    prev = self._units[self._order[-1]] if self._order else None
+                    nxt = None
+                else:
+                    k = bisect.bisect_left(self._starts, e.compressed_offset)
+                    prev = self._units[self._order[k - 1]] if k else None
+                    nxt = self._units[self._order[k]] if k < len(self._order) else None
+                if (prev is not None and prev.compressed_end > e.compressed_offset) or \
+                        (nxt is not None and nxt.compressed_offset < e.compressed_end):
+                    log.warning("%s: chunk #%d overlaps another chunk's bytes; not shared",
+                                self.name, e.index)
+                    continue
+                self._starts.insert(k, e.compressed_offset)
+                self._order.insert(k, e.index)
+                self._units[e.index] = e
+                st = UNCHECKED if self._candidates.covers(e.compressed_offset,
+                                                          e.compressed_end) else MISSING
+                self._state[e.index] = st
+                self._xxh[e.index] = 0
+                added += 1
+            if added:
+                self.cond.notify_all()
+        return added
+
+    def _known(self, e: ChunkEntry) -> bool:
+        """Locked: True if `e` is a new unit (False if its ci index is known; a warning if the
+        two records of it disagree)."""
+        known = self._units.get(e.index)
+        if known is None:
+            return True
+        if known != e:
+            log.warning("%s: two bootstraps disagree about chunk #%d; keeping the first",
+                        self.name, e.index)
+        return False
+
+    def unit_count(self) -> int:
+        with self.lock:
+            return len(self._order)
+
     def extent(self, u: int) -> tuple[int, int]:
-        if u == META:
-            return self.toc_offset, self.size
-        e = self.toc[u]
+        e = self._units[u]
         return e.compressed_offset, e.compressed_end
 
-    def units_for(self, start: int, end: int) -> list[int]:
-        """Units overlapping [start, end), in blob order (chunks, then META).
+    def after(self, u: int) -> int | None:
+        """The unit after `u` in the blob (maybe after a gap), or None."""
+        with self.lock:
+            k = bisect.bisect_right(self._starts, self._units[u].compressed_offset)
+            return self._order[k] if k < len(self._order) else None
 
-        LookupError if the range reaches into the data area while the TOC is not known.
-        """
+    def next_unit(self, u: int) -> int | None:
+        """The unit right after `u` in the blob, if it starts where `u` ends (no gap)."""
+        v = self.after(u)
+        if v is not None and self._units[v].compressed_offset == self._units[u].compressed_end:
+            return v
+        return None
+
+    def units_for(self, start: int, end: int) -> list[int]:
+        """Units overlapping [start, end), in blob order (bytes between units belong to none)."""
         with self.lock:
             return self._units_locked(start, end)
 
     def _units_locked(self, start: int, end: int) -> list[int]:
-        if start >= end:
+        if start >= end or not self._order:
             return []
-        if self.toc is None:
-            if start < self.toc_offset:
-                raise LookupError("the TOC is not known yet")
-            return [META]
-        out = []
-        if start < self.toc_offset:
-            lo = bisect.bisect_right(self._starts, start) - 1
-            hi = bisect.bisect_left(self._starts, min(end, self.toc_offset))
-            out = list(range(max(lo, 0), hi))
-        if end > self.toc_offset:
-            out.append(META)
-        return out
+        lo = bisect.bisect_right(self._starts, start) - 1
+        if lo < 0 or self._units[self._order[lo]].compressed_end <= start:
+            lo += 1
+        hi = bisect.bisect_left(self._starts, end)
+        return self._order[lo:hi]
+
+    def _tiles(self, units: list[int], start: int, end: int) -> bool:
+        """Locked: True if `units` (blob order) cover [start, end) with no byte outside them."""
+        pos = start
+        for u in units:
+            a, b = self.extent(u)
+            if a > pos:
+                return False
+            pos = max(pos, b)
+        return pos >= end
 
     def ranges_of(self, units: Iterable[int]) -> RangeSet:
         return RangeSet(self.extent(u) for u in units)
 
-    def _get(self, u: int) -> int:
-        return self._meta_state if u == META else self._state[u]
-
-    def _set(self, u: int, st: int, h: int = 0) -> None:
-        if u == META:
-            self._meta_state, self._meta_xxh = st, h
-        else:
-            self._state[u], self._xxh[u] = st, h
-
-    def _set_meta(self, footer: Footer, toc: list[ChunkEntry]) -> None:
-        """Learn the (verified) TOC: the chunk units appear."""
-        with self.lock:
-            if self.toc is not None:
-                return
-            self._state = bytearray(len(toc))
-            self._xxh = [0] * len(toc)
-            for i, e in enumerate(toc):
-                if self._candidates.covers(e.compressed_offset, e.compressed_end):
-                    self._state[i] = UNCHECKED
-            self._starts = [e.compressed_offset for e in toc]
-            self.footer = footer
-            self.toc = toc
-            self.cond.notify_all()
-
     def verify(self, u: int, data: bytes) -> None:
         """Raise IntegrityError / FormatError unless `data` is unit `u`'s exact trusted bytes."""
-        if u == META:
-            footer, toc = check_meta(self.info, data)
-            self._set_meta(footer, toc)
-            return
-        e = self.toc[u]
-        if len(data) != e.compressed_size:
-            raise IntegrityError(f"chunk #{u}: got {len(data)} bytes, expected {e.compressed_size}")
-        plain = decompress(self.footer.compressor, data, e.uncompressed_size) if e.compressed \
-            else data
-        got = digest_of(self.footer.digester, plain)
-        if got != e.digest:
-            raise IntegrityError(f"chunk #{u}: {self.footer.digester} digest {got.hex()} does "
-                                 f"not match the TOC's {e.digest.hex()}")
+        decode_chunk(self._units[u], data, self.compressor, self.digester, name=self.name)
 
     # ------------------------------------------------------------------ state
     def present(self, u: int) -> bool:
         with self.lock:
-            return self._get(u) != MISSING
+            return self._state.get(u, MISSING) != MISSING
 
     def held(self) -> RangeSet:
         """Ranges of every unit this node holds (verified, or stored before a restart)."""
         with self.lock:
-            out = [self.extent(u) for u in range(len(self._state)) if self._state[u]]
-            if self._meta_state:
-                out.append(self.extent(META))
-            return RangeSet(out)
+            return RangeSet(self.extent(u) for u, st in self._state.items() if st)
 
     def fetching(self) -> RangeSet:
         with self.lock:
-            return RangeSet(self.extent(u) for u in self.inflight
-                            if u == META or self.toc is not None)
+            return RangeSet(self.extent(u) for u in self.inflight)
 
     def put_unit(self, u: int, data: bytes) -> bool:
         """Store a unit that passed `verify`; it is then held and served. False if not stored."""
@@ -198,15 +201,15 @@ class BlobState:
             return False
         h = xxhash.xxh64_intdigest(data)
         with self.lock:
-            self._set(u, VERIFIED, h)
+            self._state[u], self._xxh[u] = VERIFIED, h
             self.cond.notify_all()
         return True
 
     def read_unit(self, u: int) -> bytes | None:
         """Unit `u`'s bytes from the payload file if held and still good, else None (and forgotten)."""
         with self.lock:
-            st = self._get(u)
-            want = self._meta_xxh if u == META else self._xxh[u]
+            st = self._state.get(u, MISSING)
+            want = self._xxh.get(u, 0)
         if st == MISSING:
             return None
         start, end = self.extent(u)
@@ -218,69 +221,61 @@ class BlobState:
             try:
                 self.verify(u, data)
             except (IntegrityError, FormatError) as e:
-                log.info("blob sha256:%s: stored unit %d is not good (%s); dropping it",
-                         self.blob_id, u, e)
+                log.info("%s: stored unit %d is not good (%s); dropping it", self.name, u, e)
                 ok = False
         with self.lock:
             if not ok:
                 if st == VERIFIED:
-                    log.warning("blob sha256:%s: stored unit %d [%d, %d) changed on disk; "
-                                "dropping it", self.blob_id, u, start, end)
-                if self._get(u) == st:
-                    self._set(u, MISSING)
+                    log.warning("%s: stored unit %d [%d, %d) changed on disk; dropping it",
+                                self.name, u, start, end)
+                if self._state.get(u) == st:
+                    self._state[u], self._xxh[u] = MISSING, 0
                 return None
-            if st == UNCHECKED and self._get(u) == UNCHECKED:
-                self._set(u, VERIFIED, xxhash.xxh64_intdigest(data))
+            if st == UNCHECKED and self._state.get(u) == UNCHECKED:
+                self._state[u], self._xxh[u] = VERIFIED, xxhash.xxh64_intdigest(data)
         return data
 
     def read_range(self, start: int, end: int) -> bytes | None:
-        """Bytes [start, end) if every unit overlapping it is held and good, else None."""
-        try:
-            units = self.units_for(start, end)
-        except LookupError:
-            return None
+        """Bytes [start, end) if they lie inside units that are all held and good, else None
+        (bytes outside every unit are never served)."""
+        with self.lock:
+            units = self._units_locked(start, end)
+            if not units or not self._tiles(units, start, end):
+                return None
         parts = []
         for u in units:
             data = self.read_unit(u)
             if data is None:
                 return None
             parts.append(data)
-        if not parts:
-            return b""
         base = self.extent(units[0])[0]
         buf = parts[0] if len(parts) == 1 else b"".join(parts)
         return buf[start - base:end - base]
 
     def held_prefix(self, start: int, end: int) -> int:
-        """End of the longest prefix of [start, end) whose units are all held (start if none)."""
+        """End of the longest prefix of [start, end) whose bytes lie in held units (start if none)."""
         with self.lock:
-            try:
-                units = self._units_locked(start, end)
-            except LookupError:
-                return start
             pos = start
-            for u in units:
-                if not self._get(u):
+            for u in self._units_locked(start, end):
+                a, b = self.extent(u)
+                if a > pos or not self._state[u]:
                     break
-                pos = min(self.extent(u)[1], end)
+                pos = min(b, end)
             return pos
 
     def wait_available(self, start: int, end: int, timeout: float) -> bool:
-        """Wait until every unit of [start, end) is held; False at once if some unit is neither
-        held nor being fetched by this node, or when `timeout` runs out."""
+        """Wait until every unit of [start, end) is held; False at once if the range has bytes
+        outside the units, or some unit is neither held nor being fetched by this node, or when
+        `timeout` runs out."""
         deadline = time.monotonic() + timeout
         with self.lock:
             while True:
-                try:
-                    units = self._units_locked(start, end)
-                except LookupError:            # TOC unknown: only a META fetch can change that
-                    units = None
-                if units is not None and all(self._get(u) for u in units):
+                units = self._units_locked(start, end)
+                if not units or not self._tiles(units, start, end):
+                    return False
+                if all(self._state[u] for u in units):
                     return True
-                if units is None:
-                    waiting = META in self.inflight
-                else:
-                    waiting = all(u in self.inflight for u in units if not self._get(u))
+                waiting = all(u in self.inflight for u in units if not self._state[u])
                 left = deadline - time.monotonic()
                 if not waiting or left <= 0:
                     return False
@@ -292,7 +287,7 @@ class BlobState:
         mine, others = [], []
         with self.lock:
             for u in units:
-                if self._get(u):
+                if self._state.get(u, MISSING):
                     continue
                 ev = self.inflight.get(u)
                 if ev is not None:
@@ -323,9 +318,9 @@ class BlobState:
 class PeerNode:
     """The blobs one node shares with its peers, and its identity.
 
-    `expect(info)` registers a blob from the bootstrap's blob table (before
-    the blob cache opens it, so that even the TOC can come from peers);
-    `share(cache)` registers a `BlobCache` that is already open.
+    `expect(info)` registers a blob from the bootstrap's blob table and chunk
+    table (before the blob cache opens it; a second record of the blob adds
+    its units); `share(cache)` registers a `BlobCache` that is already open.
     """
 
     def __init__(self, store_dir: str | os.PathLike, *, node_id: str | None = None,
@@ -346,20 +341,13 @@ class PeerNode:
             st = self._blobs.get(blob_id)
             if st is None:
                 st = self._blobs[blob_id] = BlobState(info, self.store_dir)
-            return st
+                return st
+        st.add(info)
+        return st
 
     def share(self, cache) -> BlobState:
-        """Share an open BlobCache's blob; its (verified) TOC is stored as the meta unit if needed."""
-        st = self.expect(cache.info)
-        if not st.present(META):
-            try:
-                with open(cache.toc_path, "rb") as f:
-                    meta = f.read()
-                st.verify(META, meta)
-                st.put_unit(META, meta)
-            except (OSError, IntegrityError, FormatError) as e:
-                log.debug("blob sha256:%s: cannot take the TOC from the cache: %s", st.blob_id, e)
-        return st
+        """Share an open BlobCache's blob (its chunks, as its bootstrap lists them)."""
+        return self.expect(cache.info)
 
     def forget(self, blob_id: str, *, delete: bool = True) -> bool:
         """Stop sharing a blob (its cache was removed); `delete` also removes its payload file."""

@@ -1,7 +1,8 @@
 """The peer wire protocol (HTTP/1.1, plain): how one node asks another for blob bytes.
 
-Peers serve ranges of a blob *as stored* (compressed chunk payloads, the TOC,
-the footer), addressed like the registry's own Range GETs::
+Peers serve ranges of a blob *as stored* (compressed chunk payloads; only the
+chunks of the bootstrap's chunk table, never the bytes between or after them),
+addressed like the registry's own Range GETs::
 
     GET /v1/blobs/<blob hex id>?offset=O&size=S[&min=M][&wait=SECONDS]
 
@@ -10,11 +11,11 @@ the footer), addressed like the registry's own Range GETs::
   between peers: the fetcher asks for a little more than it needs). The header
   repeats offset and size and carries the xxh64 of the S bytes: a cheap check
   against truncation and transfer corruption, *not* a trust anchor. The
-  fetcher verifies every chunk payload against the bootstrap's TOC digests
-  (and the TOC against the bootstrap's TOC digest) before using or
-  re-serving it; peers are untrusted.
+  fetcher verifies every chunk payload against its digest in the bootstrap's
+  chunk table before using or re-serving it; peers are untrusted.
 * 404 (JSON `{"error", "held", "fetching"}`): the peer does not share this
-  blob, or does not hold every byte of the range verified. With `wait` the
+  blob, or does not hold every byte of the range verified (a range reaching
+  outside the chunks is never held). With `wait` the
   peer first waits (at most `MAX_WAIT` seconds) for a range it is fetching
   itself right now to arrive, then answers 200 or 404.
 * 503 (`Retry-After`): all upload slots are busy; ask another holder.

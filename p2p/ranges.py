@@ -2,8 +2,8 @@
 
 Announcements, claims and plans all speak in ranges of a blob's *stored*
 (compressed) bytes. Every range the P2P layer produces is a union of whole
-"units" (a chunk's payload, or the TOC + footer), so intersections and
-differences of such sets stay on unit boundaries.
+"units" (a chunk's payload), so intersections and differences of such sets
+stay on unit boundaries.
 
 `RangeSet` is an immutable value: operations return new sets. Wire form: a
 list of [start, end] pairs (`to_json` / `from_json`, which validates).

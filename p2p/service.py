@@ -6,8 +6,8 @@ the discovery (tracker or static peers) and the credential-free peer client.
 Each mount gets its storage from `service.storage(storage_config)`: the
 factory's usual origin backend (registry, mirrors) wrapped in a `P2PBackend`,
 under a `P2PCacheManager` that registers every blob it opens with the node
-before the cache fetches the blob's TOC (so even the TOC can come from peers)
-and shares it afterwards.
+(its units: the chunks of the bootstrap's chunk table) before the cache
+fetches anything, and shares it afterwards.
 
     cfg = P2PConfig(listen="10.0.0.5:7070", tracker="10.0.0.1:7000")
     with P2PService(cfg, store_dir="/var/lib/pynydus/p2p") as svc:
@@ -201,7 +201,7 @@ class _SharedClientBackend(P2PBackend):
 
 
 class P2PCacheManager(CacheManager):
-    """A CacheManager whose blobs are registered with the P2P node (before their TOC is fetched)
+    """A CacheManager whose blobs are registered with the P2P node (before any chunk is fetched)
     and shared once open. `stats()` gains a "p2p" section (per-blob bytes by source)."""
 
     def __init__(self, cache_dir, backend: P2PBackend, service: P2PService, *,

@@ -1,13 +1,14 @@
 """The payload store: the stored (compressed) bytes of blobs this node fetched, kept to serve peers.
 
 A node's blob cache keeps each chunk's *plain* bytes; a peer needs the bytes
-as stored in the blob (compressed payloads, TOC, footer) so that the fetcher
+as stored in the blob (compressed chunk payloads) so that the fetcher
 can hand them to its own cache exactly as the registry would. So the P2P
 layer keeps a sparse copy of every blob it fetched through itself:
 
 * `<dir>/<blob id>.payload`: a sparse file as long as the blob; a unit (a
-  chunk payload, or the TOC + footer) is pwritten at its blob offset once it
-  was verified against the bootstrap's digests. Never-fetched units are holes.
+  chunk payload) is pwritten at its blob offset once it was verified against
+  its digest in the bootstrap's chunk table. Never-fetched units, and the
+  bytes outside every unit, are holes.
 
 There is no state file: after a restart the data extents of the file
 (SEEK_DATA / SEEK_HOLE) say which units *may* be there, and each is verified

@@ -1,4 +1,9 @@
-"""Chunk compressors of the RAFS blob format: zstd (default), lz4 (frame format), none.
+"""Chunk compressors of RAFS v6 blobs, with Nydus's ids and formats: zstd (default), lz4_block, none,
+and gzip (read only: Nydus can write it, we never do).
+
+zstd is one frame that records its content size (as nydus-image writes it); "lz4" is
+Nydus's `lz4_block`: a raw LZ4 block, no frame and no size (the plain size comes from
+the chunk info). gzip is a gzip stream.
 
 Every chunk is compressed on its own, so any chunk can be fetched and
 decompressed without its neighbours. Both functions are thread-safe: zstd
@@ -7,7 +12,7 @@ between threads) and the C libraries release the GIL while they work, so a
 thread pool compresses chunks in parallel.
 
 `decompress` never trusts the compressed stream: the output is bounded by the
-plain size the (digest-checked) TOC promises, and a stream that is corrupt,
+plain size the (digest-checked) chunk info promises, and a stream that is corrupt,
 truncated, followed by extra bytes or of the wrong decompressed size raises
 `IntegrityError`. A lying frame header cannot make it allocate more than
 `plain_size` bytes.
@@ -18,20 +23,28 @@ import threading
 
 from .errors import IntegrityError
 
-COMPRESSORS = ("zstd", "lz4", "none")
-# Ids stored in the blob footer. Never renumber: they are on disk.
-COMPRESSOR_IDS = {"none": 0, "zstd": 1, "lz4": 2}
+COMPRESSORS = ("zstd", "lz4", "none")          # what we write
+READ_ONLY = ("gzip",)                          # what we also read
+# Nydus's ids (utils/src/compress/mod.rs: None 0, Lz4Block 1, GZip 2, Zstd 3): blob table, ci header.
+COMPRESSOR_IDS = {"none": 0, "lz4": 1, "gzip": 2, "zstd": 3}
 COMPRESSOR_NAMES = {v: k for k, v in COMPRESSOR_IDS.items()}
+_ALIASES = {"lz4_block": "lz4", "lz4-block": "lz4"}      # Nydus's own spelling
 ZSTD_LEVEL = 3
 
 _local = threading.local()
 
 
-def check_compressor(name: str) -> str:
-    """Return `name` if it is a known compressor, else raise ValueError listing the choices."""
-    if name not in COMPRESSOR_IDS:
+def canonical_compressor(name: str) -> str:
+    """`name` with Nydus's spellings mapped to ours ('lz4_block' -> 'lz4')."""
+    return _ALIASES.get(name, name)
+
+
+def check_compressor(name: str, *, reading: bool = False) -> str:
+    """Return `name` if we write it (or, with reading=True, read it); else ValueError listing the choices."""
+    known = COMPRESSORS + READ_ONLY if reading else COMPRESSORS
+    if name not in known:
         raise ValueError(
-            f"unknown compressor {name!r}; choose one of: {', '.join(COMPRESSORS)}")
+            f"unknown compressor {name!r}; choose one of: {', '.join(known)}")
     return name
 
 
@@ -40,7 +53,7 @@ def _zstd_compressor():
     if c is None:
         import zstandard
         # Content size in the frame header lets the reader check the frame
-        # against the TOC before allocating; no frame checksum (the chunk
+        # against the chunk info before allocating; no frame checksum (the chunk
         # digest covers the plain bytes).
         c = _local.zc = zstandard.ZstdCompressor(
             level=ZSTD_LEVEL, write_content_size=True, write_checksum=False)
@@ -60,8 +73,8 @@ def compress(name: str, data: bytes) -> bytes:
     if name == "zstd":
         return _zstd_compressor().compress(data)
     if name == "lz4":
-        import lz4.frame
-        return lz4.frame.compress(data, store_size=True, content_checksum=False)
+        import lz4.block
+        return lz4.block.compress(data, store_size=False)
     if name == "none":
         return bytes(data)
     check_compressor(name)
@@ -75,7 +88,7 @@ def decompress(name: str, data: bytes, plain_size: int) -> bytes:
     `name` that decodes to `plain_size` bytes; ValueError for an unknown
     compressor name or a negative size (caller bugs).
     """
-    check_compressor(name)
+    check_compressor(name, reading=True)
     if plain_size < 0:
         raise ValueError(f"plain_size must be >= 0, got {plain_size}")
     if name == "none":
@@ -85,8 +98,10 @@ def decompress(name: str, data: bytes, plain_size: int) -> bytes:
         return bytes(data)
     if name == "zstd":
         out = _zstd_decompress(data, plain_size)
-    else:
+    elif name == "lz4":
         out = _lz4_decompress(data, plain_size)
+    else:
+        out = _gzip_decompress(data, plain_size)
     if len(out) != plain_size:
         raise IntegrityError(
             f"{name} chunk decompressed to {len(out)} bytes, expected {plain_size}")
@@ -127,19 +142,26 @@ def _zstd_decompress(data: bytes, plain_size: int) -> bytes:
 
 
 def _lz4_decompress(data: bytes, plain_size: int) -> bytes:
-    import lz4.frame
-    d = lz4.frame.LZ4FrameDecompressor()
+    import lz4.block
     try:
-        # Ask for one byte more than promised so an over-long stream shows.
-        out = d.decompress(data, max_length=plain_size + 1)
-    except RuntimeError as e:                   # python-lz4 reports LZ4F errors so
+        # The block decoder writes into a buffer of exactly plain_size bytes: a lying
+        # stream fails instead of growing it; a short one shows in the length check.
+        return lz4.block.decompress(data, uncompressed_size=plain_size)
+    except lz4.block.LZ4BlockError as e:
         raise IntegrityError(f"corrupt lz4 chunk: {e}") from None
+
+
+def _gzip_decompress(data: bytes, plain_size: int) -> bytes:
+    import zlib
+    d = zlib.decompressobj(wbits=31)
+    try:
+        out = d.decompress(data, plain_size + 1)     # one byte more than promised, so an over-long stream shows
+    except zlib.error as e:
+        raise IntegrityError(f"corrupt gzip chunk: {e}") from None
     if len(out) > plain_size:
-        raise IntegrityError(
-            f"lz4 chunk decompresses to more than the expected {plain_size} bytes")
+        raise IntegrityError(f"gzip chunk decompresses to more than the expected {plain_size} bytes")
     if not d.eof:
-        raise IntegrityError("corrupt lz4 chunk: the frame is truncated")
+        raise IntegrityError("corrupt gzip chunk: the stream is truncated")
     if d.unused_data:
-        raise IntegrityError(
-            f"corrupt lz4 chunk: {len(d.unused_data)} extra bytes after the frame")
+        raise IntegrityError(f"corrupt gzip chunk: {len(d.unused_data)} extra bytes after the stream")
     return out

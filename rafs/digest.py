@@ -1,10 +1,9 @@
-"""Chunk digesters of the RAFS blob format: sha256 (default) and blake3 (optional).
+"""Chunk digesters of RAFS v6, with Nydus's ids: blake3 (the default, as in Nydus) and sha256.
 
 A chunk digest is always 32 bytes and always covers the chunk's *plain*
 (uncompressed) bytes, so the same content has the same digest whatever the
 compressor; that is what chunk deduplication keys on. blake3 comes from the
-optional `blake3` package (`pip install 'pynydus[blake3]'`); it is imported
-only when a blake3 digest is actually asked for.
+`blake3` package (a declared dependency), imported when first asked for.
 
 Both hashers release the GIL on large inputs, so digests parallelise in threads.
 """
@@ -14,9 +13,9 @@ import hashlib
 
 from .errors import RafsError
 
-DIGESTERS = ("sha256", "blake3")
-# Ids stored in the blob footer. Never renumber: they are on disk.
-DIGESTER_IDS = {"sha256": 1, "blake3": 2}
+DIGESTERS = ("blake3", "sha256")
+# Nydus's ids (utils/src/digest.rs: Blake3 0, Sha256 1), as the blob table stores them.
+DIGESTER_IDS = {"blake3": 0, "sha256": 1}
 DIGESTER_NAMES = {v: k for k, v in DIGESTER_IDS.items()}
 DIGEST_SIZE = 32
 
@@ -38,9 +37,8 @@ def _blake3():
         import blake3
     except ImportError:
         raise DigesterUnavailable(
-            "the blake3 digester needs the optional 'blake3' package, which is not "
-            "installed: run `pip install blake3` (or `pip install 'pynydus[blake3]'`), "
-            "or use the sha256 digester") from None
+            "the blake3 digester needs the 'blake3' package, which is not installed: "
+            "run `pip install blake3` (or `pip install -e .`), or use the sha256 digester") from None
     return blake3.blake3
 
 

@@ -98,11 +98,12 @@ class RafsFs:
 
     # ------------------------------------------------------------------ data
     def blob_cache(self, index: int):
-        """The BlobCache of blob `index`, opened on first use (its TOC is fetched then, if not cached)."""
+        """The BlobCache of blob `index`, opened on first use (its chunks come from the
+        bootstrap's chunk table: opening fetches nothing)."""
         c = self._blob_caches[index]
         if c is None:
             # No lock here: CacheManager.open gives concurrent openers of one blob the same cache,
-            # and opening blob B never waits for blob A's TOC fetch.
+            # and opening blob B never waits for blob A's.
             c = self._blob_caches[index] = self.caches.open(self.blobs[index])
         return c
 

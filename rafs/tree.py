@@ -15,14 +15,16 @@ from typing import Iterator
 class ChunkRef:
     """One chunk of a regular file: `size` plain bytes whose digest is `digest`.
 
-    `blob_index`/`offset` say where the chunk lives once blobs are laid out:
-    index into the image's blob table, and byte offset (4 KiB aligned) into
-    that blob's uncompressed view. -1 until placed.
+    `blob_index`/`offset`/`ci_index` say where the chunk lives once blobs are laid
+    out: index into the image's blob table, byte offset (4 KiB aligned) into that
+    blob's uncompressed view, and position in the blob's compression-info array
+    (what RAFS v6 chunk indexes carry for nydusd). -1 until placed.
     """
     digest: bytes
     size: int
     blob_index: int = -1
     offset: int = -1
+    ci_index: int = -1
 
 
 class FileKind:

@@ -54,7 +54,7 @@ def materialize(bootstrap_path: Path, image_ref: str, dest: Path, *, plain_http:
                 downloaded += path.stat().st_size
                 f = open(path, "rb")
                 files.append(f)
-                readers.append(BlobReader.from_file(f, toc_digest=info.toc_digest, blob_id=info.blob_id))
+                readers.append(BlobReader.from_file(f, info))
         try:
             _write_tree(boot, readers, tmp_tree)
         finally:

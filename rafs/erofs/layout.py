@@ -4,6 +4,9 @@ Every on-disk structure is a little-endian `struct.Struct` whose size is
 asserted against the size the kernel asserts with BUILD_BUG_ON, so a typo in
 a format string fails at import, not in a mount. Only what pynydus writes or
 reads is here; field names follow the kernel's so the two can be compared.
+The RAFS v6 structures Nydus keeps around the EROFS part of a bootstrap
+(extended superblock, blob table, chunk table: rafs/src/metadata/layout/v6.rs
+and v5.rs) are here too, sized as Nydus asserts them.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ DEVT_SLOT_SIZE = 128
 FEATURE_COMPAT_SB_CHKSUM = 0x1
 FEATURE_COMPAT_MTIME = 0x2
 FEATURE_COMPAT_XATTR_FILTER = 0x4
+FEATURE_COMPAT_RAFS_V6 = 0x4000_0000      # Nydus: a RAFS v6 bootstrap (the kernel ignores it)
 
 FEATURE_INCOMPAT_ZERO_PADDING = 0x1
 FEATURE_INCOMPAT_COMPR_CFGS = 0x2         # == BIG_PCLUSTER
@@ -89,6 +93,41 @@ FT_OF_MODE = {
     stat.S_IFLNK: FT_SYMLINK,
 }
 
+# --- RAFS v6 (Nydus) around the EROFS image: rafs/src/metadata/layout/v6.rs -----
+RAFS_EXT_SUPER_OFFSET = SUPER_OFFSET + 128          # 1152: the 256-byte extended superblock
+RAFS_DEVT_SLOTOFF = 11                              # device table at 11 * 128 = 1408, right after it
+RAFS_DEVT_OFFSET = RAFS_DEVT_SLOTOFF * DEVT_SLOT_SIZE
+RAFS_INCOMPAT = FEATURE_INCOMPAT_CHUNKED_FILE | FEATURE_INCOMPAT_DEVICE_TABLE   # exactly this, always
+RAFS_MAX_BLOBS = 254                                # device id = blob index + 1 must fit 8 bits
+RAFS_MAX_CI_INDEX = (1 << 24) - 1                   # 24-bit ci index in a chunk index
+RAFS_MAPPED_ALIGN = 512 << 10                       # mapped_blkaddr: bootstrap end rounded to 512 KiB
+
+# RafsSuperFlags (rafs/src/metadata/mod.rs), the extended superblock's s_flags
+RAFS_COMPRESSION_NONE = 0x1
+RAFS_COMPRESSION_LZ4 = 0x2
+RAFS_HASH_BLAKE3 = 0x4
+RAFS_HASH_SHA256 = 0x8
+RAFS_EXPLICIT_UID_GID = 0x10
+RAFS_HAS_XATTR = 0x20
+RAFS_COMPRESSION_GZIP = 0x40
+RAFS_COMPRESSION_ZSTD = 0x80
+RAFS_INLINED_CHUNK_DIGEST = 0x100
+RAFS_TARFS_MODE = 0x200
+RAFS_ENCRYPTION_NONE = 0x0100_0000
+RAFS_ENCRYPTION_AES128XTS = 0x0200_0000
+RAFS_PRESERVED_COMPAT = 0xFC00_0000
+RAFS_KNOWN_FLAGS = 0x3FF | RAFS_ENCRYPTION_NONE | RAFS_ENCRYPTION_AES128XTS | RAFS_PRESERVED_COMPAT
+RAFS_COMPRESSION_FLAGS = {"none": RAFS_COMPRESSION_NONE, "lz4": RAFS_COMPRESSION_LZ4,
+                          "gzip": RAFS_COMPRESSION_GZIP, "zstd": RAFS_COMPRESSION_ZSTD}
+RAFS_HASH_FLAGS = {"blake3": RAFS_HASH_BLAKE3, "sha256": RAFS_HASH_SHA256}
+
+# RafsV5ChunkInfo flags (storage/src/device.rs BlobChunkFlags)
+RAFS_CHUNK_COMPRESSED = 0x1
+RAFS_CHUNK_HOLE = 0x2                               # obsolete
+RAFS_CHUNK_ENCRYPTED = 0x4
+RAFS_CHUNK_BATCH = 0x8
+RAFS_CHUNK_HAS_CRC32 = 0x10
+
 # --- structures ---------------------------------------------------------------
 
 
@@ -114,6 +153,18 @@ XATTR_ENTRY = _sized("<BBH", 4)
 # struct erofs_inode_chunk_index: startblk_hi (was advise), device_id, startblk_lo
 CHUNK_INDEX = _sized("<HHI", 8)
 BLOCK_MAP_ENTRY = _sized("<I", 4)
+# RafsV6SuperBlockExt: flags, blob_table_offset, blob_table_size, chunk_size, chunk_table_offset,
+# chunk_table_size, prefetch_table_offset, prefetch_table_size, padding, reserved[200]
+RAFS_EXT_SUPERBLOCK = _sized("<QQIIQQQII200x", 256)
+# RafsV6Blob: blob_id[64], blob_index, chunk_size, chunk_count, compression_algo, digest_algo,
+# features, compressed_size, uncompressed_size, blob_toc_size, ci_compressor, ci_offset,
+# ci_compressed_size, ci_uncompressed_size, blob_toc_digest[32], blob_meta_digest[32],
+# blob_meta_size, cipher_iv[8], cipher_algo, reserved[36]
+RAFS_BLOB = _sized("<64sIIIIIIQQIIQQQ32s32sQ8sI36x", 256)
+# RafsV5ChunkInfo: digest[32], blob_index, flags, compressed_size, uncompressed_size,
+# compressed_offset, uncompressed_offset, file_offset, index (in the blob's ci array), crc32
+RAFS_CHUNK_INFO = _sized("<32sIIIIQQQII", 80)
+RAFS_PREFETCH_ENTRY = _sized("<I", 4)               # an inode's nid
 # struct erofs_dirent: nid, nameoff, file_type, reserved
 DIRENT = _sized("<QHBB", 12)
 

@@ -3,9 +3,10 @@
 Works over any buffer (bytes, bytearray, mmap). Every offset taken from the
 image is checked against the image bounds first, so a corrupt or hostile
 image gives `FormatError`, never an IndexError or a read of the wrong bytes.
-Reads what our writer makes and what `mkfs.erofs` makes for uncompressed
+Reads what our writer makes, what `mkfs.erofs` makes for uncompressed
 trees (compact or extended inodes, plain/inline data, shared xattrs,
-chunk-based files with indexes or block maps).
+chunk-based files with indexes or block maps), and the EROFS part of RAFS v6
+bootstraps as nydus-image writes them (see `ErofsImage`).
 """
 from __future__ import annotations
 
@@ -51,7 +52,16 @@ class InodeInfo(FileKind):
 
 
 class ErofsImage:
-    def __init__(self, buf):
+    """An EROFS image in `buf`.
+
+    A RAFS v6 bootstrap (compat bit RAFS_V6) is bounded by the buffer's length, since
+    its `s_blocks` counts the blobs' blocks, not the image's. `chunk_size` (RAFS: the
+    extended superblock's) is the stride of the chunk-index arrays: Nydus declares
+    next_pow2(file size) in i_u for a file whose chunks lie back to back, yet writes
+    one index per `chunk_size` bytes; such inodes read as `chunk_size` chunks.
+    """
+
+    def __init__(self, buf, *, chunk_size: int | None = None):
         self._buf = buf
         self._mv = memoryview(buf)
         sb = L.Superblock.unpack(buf)
@@ -65,10 +75,17 @@ class ErofsImage:
         self.sb = sb
         self.blkszbits = sb.blkszbits
         self.blksz = 1 << sb.blkszbits
-        self.image_size = sb.blocks * self.blksz
-        if self.image_size > len(buf):
-            raise FormatError(f"truncated EROFS image: superblock says {sb.blocks} blocks "
-                              f"({self.image_size} bytes), only {len(buf)} bytes present")
+        self.rafs = bool(sb.feature_compat & L.FEATURE_COMPAT_RAFS_V6)
+        if self.rafs:
+            self.image_size = len(buf)
+        else:
+            self.image_size = sb.blocks * self.blksz
+            if self.image_size > len(buf):
+                raise FormatError(f"truncated EROFS image: superblock says {sb.blocks} blocks "
+                                  f"({self.image_size} bytes), only {len(buf)} bytes present")
+        if chunk_size is not None and (chunk_size < self.blksz or chunk_size & (chunk_size - 1)):
+            raise FormatError(f"chunk size {chunk_size} is not a power of two >= {self.blksz}")
+        self._chunkbits = chunk_size.bit_length() - 1 if chunk_size else 0
         self.end = self.image_size
         self.root_nid = sb.root_nid
         self._meta = sb.meta_blkaddr * self.blksz
@@ -177,6 +194,8 @@ class ErofsImage:
                 if chunk_format & ~L.CHUNK_FORMAT_ALL:
                     raise FormatError(f"inode nid {nid}: unsupported chunk format {chunk_format:#x}")
                 chunkbits = self.blkszbits + (chunk_format & L.CHUNK_FORMAT_BLKBITS_MASK)
+                if self._chunkbits and chunk_format & L.CHUNK_FORMAT_INDEXES:
+                    chunkbits = min(chunkbits, self._chunkbits)
                 startblk = L.NULL_ADDR
             elif layout == L.FLAT_PLAIN and i_u == L.NULL_ADDR and hi in (0, 0xFFFF):
                 startblk = L.NULL_ADDR
@@ -370,24 +389,31 @@ class ErofsImage:
 
     # --- chunk-based files -------------------------------------------------------
 
-    def chunk_indexes(self, nid: int, start: int = 0, count: int | None = None
-                      ) -> list[tuple[int, int] | None]:
-        """[(device_id, blkaddr) or None for a hole] for chunks start..start+count of a file."""
+    def _index_array(self, nid: int, start: int, count: int | None):
+        """(info, base offset, unit, start, stop) of chunks start..start+count, bounds-checked."""
         info = self.inode(nid)
         if info.datalayout != L.CHUNK_BASED:
             raise FormatError(f"inode nid {nid} is not a chunk-based file")
         total = -(-info.size // (1 << info.chunkbits))
         stop = total if count is None else min(total, start + count)
-        if start < 0 or start >= stop:
-            return []
-        indexes = info.chunk_format & L.CHUNK_FORMAT_INDEXES
-        unit = 8 if indexes else 4
+        unit = 8 if info.chunk_format & L.CHUNK_FORMAT_INDEXES else 4
         base = self.iloc(nid) + info.inode_isize + info.xattr_isize
         base = (base + unit - 1) & -unit
+        if start < 0 or start >= stop:
+            return info, base, unit, start, start
         self._check(base + unit * start, unit * (stop - start), f"chunk indexes of nid {nid}")
+        return info, base, unit, start, stop
+
+    def chunk_indexes(self, nid: int, start: int = 0, count: int | None = None
+                      ) -> list[tuple[int, int] | None]:
+        """[(device_id, blkaddr) or None for a hole] for chunks start..start+count of a file,
+        decoded as the kernel does (device_id masked, startblk_hi only with 48-bit indexes)."""
+        info, base, unit, start, stop = self._index_array(nid, start, count)
         out: list[tuple[int, int] | None] = []
+        if start >= stop:
+            return out
         buf = self._buf
-        if indexes:
+        if unit == 8:
             wide = info.chunk_format & L.CHUNK_FORMAT_48BIT
             mask = (1 << 48) - 1 if wide else L.NULL_ADDR
             for hi, dev, lo in L.CHUNK_INDEX.iter_unpack(buf[base + 8 * start:base + 8 * stop]):
@@ -397,3 +423,12 @@ class ErofsImage:
             for (blk,) in L.BLOCK_MAP_ENTRY.iter_unpack(buf[base + 4 * start:base + 4 * stop]):
                 out.append(None if blk == L.NULL_ADDR else (0, blk))
         return out
+
+    def raw_chunk_indexes(self, nid: int, start: int = 0, count: int | None = None
+                          ) -> list[tuple[int, int, int]]:
+        """The undecoded 8-byte chunk indexes (startblk_hi, device_id, startblk_lo) of chunks
+        start..start+count: RAFS v6 keeps its ci index in bits the kernel ignores."""
+        info, base, unit, start, stop = self._index_array(nid, start, count)
+        if unit != 8:
+            raise FormatError(f"inode nid {nid} has a block map, not chunk indexes")
+        return list(L.CHUNK_INDEX.iter_unpack(self._buf[base + 8 * start:base + 8 * stop]))

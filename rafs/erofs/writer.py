@@ -2,7 +2,9 @@
 
 Image layout (4 KiB blocks):
 
-    block 0          superblock at 1024, device table right after it (128-byte slots)
+    block 0          superblock at 1024, then the device table (128-byte slots): right
+                     after the superblock (plain), or at slot 11 = 1408 (RAFS v6, leaving
+                     1152..1408 to the extended superblock); RAFS tables may follow
     meta_blkaddr..   the meta area: one record per inode, 32-byte aligned
                      (nid = offset in the meta area >> 5), breadth-first from the
                      root, whose nid is 1 (nid 0 would surface as st_ino 0)
@@ -11,7 +13,8 @@ Image layout (4 KiB blocks):
 An inode record is a 64-byte extended inode, then inline xattrs, then either
 the inline tail (a directory's last block, a symlink target), or, for regular
 files, 8-byte chunk indexes at the next 8-byte boundary, one per chunk, each
-naming a device (blob_index + 1) and a block in that blob's uncompressed view.
+naming a device (blob_index + 1) and a block in that blob's uncompressed view
+(RAFS v6: plus the chunk's 24-bit ci index in bits the kernel masks away).
 
 The whole image is built in one bytearray: it only holds metadata, and
 building it in memory keeps the output deterministic and the code simple.
@@ -64,18 +67,60 @@ class _Node:
         return b"/" + b"/".join(reversed(parts))
 
 
+class ErofsBuild:
+    """An EROFS image laid out in memory by `build_erofs`: `image` (a 4096 multiple) and its
+    superblock `sb` (already packed into `image`; call `pack_superblock` after changing it)."""
+
+    def __init__(self, image: bytearray, sb: L.Superblock, nodes: list[_Node]):
+        self.image = image
+        self.sb = sb
+        self._nids = {id(n.inode): n.nid for n in nodes}
+        self._nodes = nodes
+
+    def nid(self, inode: Inode) -> int:
+        """The nid of `inode` (an object of the tree that was written); KeyError if absent."""
+        return self._nids[id(inode)]
+
+    def inodes(self):
+        """(Inode, nid) for every inode once (hardlinks once), in inode-number order."""
+        return ((n.inode, n.nid) for n in self._nodes)
+
+    def pack_superblock(self) -> None:
+        self.image[L.SUPER_OFFSET:L.SUPER_OFFSET + L.SUPERBLOCK.size] = self.sb.pack()
+
+
 def write_erofs(root: Inode, out: BinaryIO, *, chunk_size: int,
                 devices: list[tuple[bytes, int]]) -> int:
-    """Write `root` as an EROFS image to `out`; return the bytes written (a 4096 multiple).
+    """Write `root` as a plain EROFS image to `out`; return the bytes written (a 4096 multiple).
 
     `devices` are the blobs, in blob-table order: (tag <= 64 bytes, size in 4 KiB blocks).
     A chunk with `blob_index` i is read by the kernel from device i + 1.
     """
+    build = build_erofs(root, chunk_size=chunk_size, devices=devices)
+    out.write(build.image)
+    return len(build.image)
+
+
+def build_erofs(root: Inode, *, chunk_size: int, devices: list[tuple[bytes, int]],
+                rafs: bool = False, meta_offset: int = 0) -> ErofsBuild:
+    """Lay `root` out as an EROFS image in memory.
+
+    Plain (rafs=False): device table right after the superblock, `blocks` = the image size,
+    a content-derived uuid, holes allowed, chunk indexes name (device, block) only.
+
+    RAFS v6 (rafs=True), as nydus-image writes the EROFS part of a bootstrap: compat
+    RAFS_V6, incompat exactly CHUNKED_FILE | DEVICE_TABLE, the device table at slot 11
+    (bytes 1152..1408 stay free for the extended superblock), `blocks` = the sum of the
+    devices' blocks, zero uuid; every chunk must be placed (no holes) and carries its
+    24-bit ci index in startblk_hi and the high byte of device_id. The meta area starts
+    at the first block boundary at or after `meta_offset` (the caller's tables go before).
+    """
     if chunk_size < L.BLKSZ or chunk_size & (chunk_size - 1) or \
             chunk_size.bit_length() - 1 - L.BLKSZBITS > L.CHUNK_FORMAT_BLKBITS_MASK:
         raise FormatError(f"chunk size {chunk_size} is not a power of two >= {L.BLKSZ}")
-    if len(devices) > 0xFFFE:
-        raise FormatError(f"{len(devices)} blobs: EROFS allows at most 65534 extra devices")
+    max_devices = L.RAFS_MAX_BLOBS if rafs else 0xFFFE
+    if len(devices) > max_devices:
+        raise FormatError(f"{len(devices)} blobs: at most {max_devices} fit the device table")
     for tag, blocks in devices:
         if len(tag) > 64 or not 0 <= blocks <= 0xFFFFFFFF:
             raise FormatError(f"device {tag!r}: tag longer than 64 bytes or {blocks} blocks out of range")
@@ -83,31 +128,42 @@ def write_erofs(root: Inode, out: BinaryIO, *, chunk_size: int,
     nodes = _collect(root)
     for node in nodes:
         _prepare(node, chunk_size)
-    meta_blkaddr = -(-(L.SUPER_OFFSET + L.SUPERBLOCK.size + L.DEVT_SLOT_SIZE * len(devices)) // L.BLKSZ)
+    slotoff = L.RAFS_DEVT_SLOTOFF if rafs else (L.SUPER_OFFSET + L.SUPERBLOCK.size) // L.DEVT_SLOT_SIZE
+    head = max(slotoff * L.DEVT_SLOT_SIZE + L.DEVT_SLOT_SIZE * len(devices), meta_offset)
+    meta_blkaddr = -(-head // L.BLKSZ)
     meta_size = _place(nodes)
     total = _assign_blocks(nodes, meta_blkaddr + -(-meta_size // L.BLKSZ))
 
     img = bytearray(total * L.BLKSZ)
     meta_base = meta_blkaddr * L.BLKSZ
     for ino, node in enumerate(nodes, 1):
-        _render(img, meta_base, node, ino, chunk_size, devices)
+        _render(img, meta_base, node, ino, chunk_size, devices, rafs)
 
-    slotoff = (L.SUPER_OFFSET + L.SUPERBLOCK.size) // L.DEVT_SLOT_SIZE
     for i, (tag, blocks) in enumerate(devices):
         # uniaddr 0: the kernel never routes primary-device reads into a slot whose uniaddr is 0
         L.DEVICE_SLOT.pack_into(img, (slotoff + i) * L.DEVT_SLOT_SIZE, tag, blocks, 0, 0, 0)
+    if rafs:
+        blocks = sum(b for _, b in devices)
+        if blocks > 0xFFFFFFFF:
+            raise FormatError(f"the blobs hold {blocks} blocks in all: more than 32-bit s_blocks allows")
+        sb = L.Superblock(root_nid=nodes[0].nid, inos=len(nodes), blocks=blocks, meta_blkaddr=meta_blkaddr,
+                          feature_incompat=L.RAFS_INCOMPAT, feature_compat=L.FEATURE_COMPAT_RAFS_V6,
+                          extra_devices=len(devices), devt_slotoff=slotoff)
+        build = ErofsBuild(img, sb, nodes)
+        build.pack_superblock()
+        return build
     incompat = L.FEATURE_INCOMPAT_CHUNKED_FILE
     if devices:
         incompat |= L.FEATURE_INCOMPAT_DEVICE_TABLE
     sb = L.Superblock(root_nid=nodes[0].nid, inos=len(nodes), blocks=total, meta_blkaddr=meta_blkaddr,
                       feature_incompat=incompat, extra_devices=len(devices),
                       devt_slotoff=slotoff if devices else 0)
-    img[L.SUPER_OFFSET:L.SUPER_OFFSET + L.SUPERBLOCK.size] = sb.pack()
+    build = ErofsBuild(img, sb, nodes)
+    build.pack_superblock()
     # A uuid derived from the content: deterministic, yet distinct images get distinct uuids.
     sb.uuid = hashlib.sha256(img).digest()[:16]
-    img[L.SUPER_OFFSET:L.SUPER_OFFSET + L.SUPERBLOCK.size] = sb.pack()
-    out.write(img)
-    return len(img)
+    build.pack_superblock()
+    return build
 
 
 # --- pass 1: collect inodes breadth-first, hardlinks once ---------------------
@@ -274,12 +330,15 @@ def _put_dirents(img: bytearray, off: int, ents) -> None:
         nameoff = end
 
 
-def _chunk_indexes(node: _Node, chunk_size: int, devices) -> bytes:
+def _chunk_indexes(node: _Node, chunk_size: int, devices, rafs: bool) -> bytes:
     inode = node.inode
     hole = L.CHUNK_INDEX.pack(0, 0, L.NULL_ADDR)
     out = []
     for i, chunk in enumerate(inode.chunks):
         if chunk is None:
+            if rafs:
+                raise FormatError(f"{node.path()!r}: chunk {i} is a hole: RAFS v6 has none (nydusd "
+                                  "rejects device 0), a zero chunk must be stored like any other")
             out.append(hole)
             continue
         want = min(chunk_size, inode.size - i * chunk_size)
@@ -289,18 +348,26 @@ def _chunk_indexes(node: _Node, chunk_size: int, devices) -> bytes:
             raise FormatError(
                 f"{node.path()!r}: chunk {i} (size {chunk.size}, blob {bi}, offset {offset}) does not "
                 f"fit: expected {want} bytes at a 4 KiB-aligned offset inside one of {len(devices)} blobs")
-        out.append(L.CHUNK_INDEX.pack(0, bi + 1, offset >> L.BLKSZBITS))
+        if rafs:
+            ci = chunk.ci_index
+            if not 0 <= ci <= L.RAFS_MAX_CI_INDEX:
+                raise FormatError(f"{node.path()!r}: chunk {i} has ci index {ci}: RAFS v6 needs its "
+                                  f"position in the blob's ci array (0..{L.RAFS_MAX_CI_INDEX})")
+            out.append(L.CHUNK_INDEX.pack(ci & 0xFFFF, (bi + 1) | (ci >> 16) << 8, offset >> L.BLKSZBITS))
+        else:
+            out.append(L.CHUNK_INDEX.pack(0, bi + 1, offset >> L.BLKSZBITS))
     return b"".join(out)
 
 
-def _render(img: bytearray, meta_base: int, node: _Node, ino: int, chunk_size: int, devices) -> None:
+def _render(img: bytearray, meta_base: int, node: _Node, ino: int, chunk_size: int, devices,
+            rafs: bool) -> None:
     inode = node.inode
     off = meta_base + (node.nid << L.ISLOTBITS)
     ftype, xattrs = node.ftype, node.xattrs
     head = off + L.INODE_EXTENDED.size + len(xattrs)
     if ftype == L.FT_REG_FILE:
         i_u = L.CHUNK_FORMAT_INDEXES | (chunk_size.bit_length() - 1 - L.BLKSZBITS)
-        idx = _chunk_indexes(node, chunk_size, devices)
+        idx = _chunk_indexes(node, chunk_size, devices, rafs)
         at = (head + 7) & ~7
         img[at:at + len(idx)] = idx
     elif ftype in (L.FT_CHRDEV, L.FT_BLKDEV):

@@ -13,11 +13,10 @@ Two kinds of objects:
   mirror and one for the origin.
 * `StorageMetrics`: one per mount (shared by the `CacheManager` and all its
   `BlobCache`s): compressed bytes fetched, requests, chunks hit / missed,
-  verification failures, prefetch bytes, fetch latency percentiles, and the
-  bytes / requests spent fetching blobs' TOCs (`toc_bytes`, `toc_requests`,
-  not part of `bytes_fetched`, which counts chunk data only). Given a
-  `sources` callable (normally `backend.source_stats`) its snapshot includes
-  the per-source counters too.
+  verification failures, prefetch bytes and fetch latency percentiles (a
+  cache learns where the chunks are from the bootstrap, so every request it
+  makes is for chunk data). Given a `sources` callable (normally
+  `backend.source_stats`) its snapshot includes the per-source counters too.
 """
 from __future__ import annotations
 
@@ -125,8 +124,6 @@ class StorageMetrics:
         self.prefetch_bytes = 0        # compressed bytes fetched by background prefetch
         self.prefetch_requests = 0
         self.bytes_read = 0            # bytes returned by BlobCache.read
-        self.toc_bytes = 0             # bytes fetched to read blobs' footers + TOCs (not in bytes_fetched)
-        self.toc_requests = 0          # backend requests that fetched them
         self._latency = LatencyReservoir(reservoir_size)
 
     def set_sources(self, sources: Callable[[], dict] | None) -> None:
@@ -142,12 +139,6 @@ class StorageMetrics:
             if prefetch:
                 self.prefetch_bytes += nbytes
                 self.prefetch_requests += 1
-
-    def toc_fetch(self, nbytes: int) -> None:
-        """One backend request that fetched `nbytes` of a blob's footer / TOC."""
-        with self._lock:
-            self.toc_bytes += nbytes
-            self.toc_requests += 1
 
     def fetch_error(self) -> None:
         with self._lock:
@@ -187,8 +178,6 @@ class StorageMetrics:
                 "prefetch_bytes": self.prefetch_bytes,
                 "prefetch_requests": self.prefetch_requests,
                 "bytes_read": self.bytes_read,
-                "toc_bytes": self.toc_bytes,
-                "toc_requests": self.toc_requests,
                 "fetch_latency_ms": self._latency.snapshot_ms(),
             }
         out["sources"] = self._sources() if self._sources is not None else {}

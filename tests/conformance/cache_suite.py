@@ -3,6 +3,10 @@
 Use: subclass `CacheConformance` and provide a `cache_env` fixture returning a
 `CacheEnv`: a `CountingBackend` spy around a real backend holding `env.blob`,
 a fresh cache directory, and a way to tamper with the stored blob.
+
+The cache learns where chunks are from `env.blob.info` (the bootstrap's blob
+table entry and chunk table), never from the blob; `env.blob.subset(...)`
+makes the record of a bootstrap that uses only some chunks of the blob.
 """
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ from typing import Callable
 
 import pytest
 
-from rafs.errors import BackendError, IntegrityError
-from rafs.storage.cache import BlobCache
+from rafs.errors import BackendError, FormatError, IntegrityError
+from rafs.storage.cache import MAX_MERGE_GAP, BlobCache, CacheManager
 from rafs.storage.cache.state import ChunkMap
 
 from tests.fakes.backends import CountingBackend
@@ -35,12 +39,13 @@ class CacheEnv:
     tamper_blob: Callable[[int], None]     # flip the stored blob's byte at this offset
     options: dict = dataclasses.field(default_factory=dict)
 
-    def open(self, **kw) -> BlobCache:
+    def open(self, info=None, **kw) -> BlobCache:
         opts = {"merge_size": 1 << 20, **self.options, **kw}
-        return BlobCache(self.cache_dir, self.blob.summary, self.spy, **opts)
+        return BlobCache(self.cache_dir, info if info is not None else self.blob.info, self.spy,
+                         **opts)
 
     def data_calls(self) -> list[tuple[str, int, int]]:
-        return self.spy.data_calls(self.blob.summary.toc_offset)
+        return self.spy.data_calls(self.blob.data_end)
 
     def fetch_counts(self) -> dict[int, int]:
         """chunk index -> how many backend requests fetched it."""
@@ -143,10 +148,9 @@ class CacheConformance:
             raw = raw[:len(raw) - 40]
         elif damage == "empty":
             raw = bytearray()
-        else:                                   # a valid chunkmap, but of another TOC
+        else:                                   # a valid chunkmap, but of another blob
             n = len(cache_env.blob.entries)
-            other = ChunkMap(n, blob_id=cache_env.blob.blob_id, toc_digest="cd" * 32,
-                             view_size=len(view))
+            other = ChunkMap(n, blob_id="cd" * 32, view_size=len(view))
             for i in range(n):
                 other.mark_ready(i, 1)
             raw = bytearray(other.encode())
@@ -186,16 +190,26 @@ class CacheConformance:
             assert c.read(0, len(blob.view)) == blob.view
             assert cache_env.spy.calls == []
 
-    def test_cached_toc_damage_means_fetch_again(self, cache_env: CacheEnv):
+    def test_open_fetches_nothing(self, cache_env: CacheEnv):
+        cache_env.spy.reset()
+        with cache_env.open() as c:                 # chunks come from the bootstrap, not the blob
+            assert c.usage()["chunks_ready"] == 0
+        assert cache_env.spy.calls == [] and cache_env.spy.size_calls == 0
+        assert not list(cache_env.cache_dir.glob("*.toc"))
+
+    def test_old_chunkmap_version_is_an_empty_cache(self, cache_env: CacheEnv):
+        view = cache_env.blob.view
         with cache_env.open() as c:
-            toc_path = Path(c.toc_path)
-        raw = bytearray(toc_path.read_bytes())
-        raw[3] ^= 0xFF
-        toc_path.write_bytes(bytes(raw))
+            c.read(0, len(view))
+            map_path = Path(c.map_path)
+        raw = bytearray(map_path.read_bytes())
+        raw[8] = 1                                  # version 1: pynydus's TOC-era layout
+        map_path.write_bytes(bytes(raw))
         cache_env.spy.reset()
         with cache_env.open() as c:
-            assert cache_env.spy.calls, "damaged TOC must be fetched again"
-            assert c.read(0, 100) == cache_env.blob.view[:100]
+            assert c.usage()["chunks_ready"] == 0
+            assert c.read(0, len(view)) == view
+        assert cache_env.data_calls()
 
     # ---------------------------------------------------------------- integrity
     def test_tampered_blob_raises_integrity_error_and_caches_nothing(self, cache_env: CacheEnv,
@@ -234,10 +248,57 @@ class CacheConformance:
                 c.read(0, blob.entries[4].uncompressed_end)
             assert c.chunk_ready(1) and c.chunk_ready(3) and not c.chunk_ready(2)
 
-    def test_wrong_toc_digest_is_refused_at_open(self, cache_env: CacheEnv):
-        info = dataclasses.replace(cache_env.blob.summary, toc_digest="ab" * 32)
-        with pytest.raises(IntegrityError):
-            BlobCache(cache_env.cache_dir, info, cache_env.spy)
+    def test_wrong_chunk_digest_in_the_bootstrap_is_an_integrity_error(self, cache_env: CacheEnv):
+        blob = cache_env.blob
+        e = blob.entries[6]
+        bad = dataclasses.replace(e, digest=bytes(32))
+        info = dataclasses.replace(blob.info, entries=[bad if x == e else x for x in blob.entries])
+        with cache_env.open(info, readahead=False) as c:
+            with pytest.raises(IntegrityError, match="chunk #6"):
+                c.read(e.uncompressed_offset, 10)
+            assert not c.chunk_ready(6)
+
+    def test_bytes_cached_under_another_digest_are_not_served(self, cache_env: CacheEnv):
+        """Two bootstraps of one blob share a cache dir; one's chunk table lies about a
+        chunk's digest: what the other cached (verified against its own digest) is re-checked
+        and refused, never served as verified."""
+        blob = cache_env.blob
+        with cache_env.open() as c:
+            assert c.read(0, len(blob.view)) == blob.view
+        e = blob.entries[5]
+        liar = dataclasses.replace(blob.info, entries=[
+            dataclasses.replace(x, digest=blob.entries[4].digest) if x == e else x
+            for x in blob.entries])
+        cache_env.spy.reset()
+        with cache_env.open(liar, readahead=False) as c:
+            other = blob.entries[3]             # agreeing chunks are served from the cache
+            assert c.read(other.uncompressed_offset, 10) == \
+                blob.view[other.uncompressed_offset:other.uncompressed_offset + 10]
+            assert cache_env.spy.calls == []
+            with pytest.raises(IntegrityError):
+                c.read(e.uncompressed_offset, 10)
+            assert c.metrics.snapshot()["recheck_failures"] == 1
+        with cache_env.open() as c:             # the honest record still gets the right bytes
+            assert c.read(e.uncompressed_offset, e.uncompressed_size) == \
+                blob.view[e.uncompressed_offset:e.uncompressed_end]
+
+    @pytest.mark.parametrize("damage", ["overlap", "past-blob", "past-view", "index", "order"])
+    def test_malformed_chunk_table_is_refused_at_open(self, cache_env: CacheEnv, damage):
+        blob = cache_env.blob
+        ents = list(blob.entries)
+        if damage == "overlap":
+            ents[3] = dataclasses.replace(ents[3], uncompressed_offset=ents[2].uncompressed_offset)
+        elif damage == "past-blob":
+            ents[-1] = dataclasses.replace(ents[-1], compressed_offset=len(blob.data))
+        elif damage == "past-view":
+            ents[-1] = dataclasses.replace(ents[-1], uncompressed_offset=len(blob.view))
+        elif damage == "index":
+            ents[4] = dataclasses.replace(ents[4], index=ents[3].index)
+        else:
+            ents[2], ents[3] = ents[3], ents[2]
+        with pytest.raises(FormatError):
+            BlobCache(cache_env.cache_dir, dataclasses.replace(blob.info, entries=ents),
+                      cache_env.spy)
 
     # ---------------------------------------------------------------- fetching
     def test_adjacent_missing_chunks_are_merged_into_one_request(self, cache_env: CacheEnv):
@@ -389,7 +450,7 @@ class CacheConformance:
             u = c.usage()
             assert u["complete"] and u["bytes_ready"] == u["bytes_total"]
             snap = c.metrics.snapshot()
-            assert snap["prefetch_bytes"] == blob.summary.toc_offset and snap["chunks_missed"] == 0
+            assert snap["prefetch_bytes"] == blob.data_end and snap["chunks_missed"] == 0
             cache_env.spy.reset()
             assert c.read(0, len(blob.view)) == blob.view
             assert cache_env.spy.calls == []
@@ -427,7 +488,7 @@ class CacheConformance:
         blob = cache_env.blob
         cache_env.spy.delay = 0.05                      # every request takes >= 50 ms
         with cache_env.open(merge_size=64 << 10) as c:
-            cache_env.spy.reset()                       # (the TOC read covers the last chunks)
+            cache_env.spy.reset()
             fut = c.prefetch_all()                      # ~40 requests, one at a time, ~2 s
             time.sleep(0.12)
             k = len(blob.entries) - 2                   # near the end: prefetch_all gets there last
@@ -472,6 +533,83 @@ class CacheConformance:
             fut.result(timeout=1)
         with cache_env.open() as again:                 # what was fetched is kept
             assert 0 < again.usage()["chunks_ready"] < len(cache_env.blob.entries)
+
+    # ---------------------------------------------------------------- chunk subsets
+    def _gapped(self, blob) -> list[int]:
+        """Chunks 0..29 without 3, 10, 11 and every chunk from 20 on but 24: gaps of one
+        chunk (<= MAX_MERGE_GAP) and of two or more (bigger)."""
+        keep = [i for i in range(30) if i not in (3, 10, 11) and (i < 20 or i == 24)]
+        e = blob.entries
+        assert e[4].compressed_offset - e[2].compressed_end <= MAX_MERGE_GAP
+        assert e[12].compressed_offset - e[9].compressed_end > MAX_MERGE_GAP
+        return keep
+
+    def test_subset_reads_its_chunks_and_zeros_elsewhere(self, cache_env: CacheEnv):
+        blob = cache_env.blob
+        keep = self._gapped(blob)
+        with cache_env.open(blob.subset(keep)) as c:
+            assert c.read(0, len(blob.view)) == blob.view_of(keep)
+            u = c.usage()
+            assert u["complete"] and u["chunks_total"] == len(keep)
+        fetched = cache_env.fetch_counts()
+        assert sorted(k for k in fetched if k in keep) == keep
+
+    def test_requests_merge_across_small_gaps_only(self, cache_env: CacheEnv):
+        blob = cache_env.blob
+        keep = self._gapped(blob)
+        e = blob.entries
+        with cache_env.open(blob.subset(keep), readahead=False, amplify=0) as c:
+            cache_env.spy.reset()
+            assert c.read(0, e[9].uncompressed_end) == blob.view_of(keep)[:e[9].uncompressed_end]
+            # 0..2 and 4..9 (a one-chunk gap) are one request
+            assert cache_env.data_calls() == [(blob.blob_id, 0, e[9].compressed_end)]
+            cache_env.spy.reset()
+            c.read(e[12].uncompressed_offset, e[13].uncompressed_end - e[12].uncompressed_offset)
+            # 12 follows 9 after a two-chunk gap: not merged with anything before it
+            assert [off for _, off, _ in cache_env.data_calls()] == [e[12].compressed_offset]
+            cache_env.spy.reset()
+            lo, hi = e[16].uncompressed_offset, e[24].uncompressed_end
+            assert c.read(lo, hi - lo) == blob.view_of(keep)[lo:hi]
+            calls = cache_env.data_calls()          # 16..19, then 24 apart (gap of 4 chunks)
+            assert sorted((off, size) for _, off, size in calls) == [
+                (e[16].compressed_offset, e[19].compressed_end - e[16].compressed_offset),
+                (e[24].compressed_offset, e[24].compressed_size)]
+
+    def test_bytes_between_entries_are_never_decoded(self, cache_env: CacheEnv):
+        blob = cache_env.blob
+        keep = self._gapped(blob)
+        e = blob.entries[3]                          # not in the subset; inside a merged request
+        cache_env.tamper_blob(e.compressed_offset + 5)
+        with cache_env.open(blob.subset(keep)) as c:
+            assert c.read(0, len(blob.view)) == blob.view_of(keep)
+            assert c.metrics.snapshot()["verify_failures"] == 0
+
+    def test_bootstraps_using_other_chunks_share_one_cache(self, cache_env: CacheEnv):
+        blob = cache_env.blob
+        a, b = list(range(0, 30, 2)), list(range(0, 40, 3))
+        with cache_env.open(blob.subset(a)) as c:
+            assert c.read(0, len(blob.view)) == blob.view_of(a)
+        cache_env.spy.reset()
+        with cache_env.open(blob.subset(b)) as c:
+            assert c.usage()["chunks_ready"] == len(set(a) & set(b))
+            assert c.read(0, len(blob.view)) == blob.view_of(b)
+        fetched = set(cache_env.fetch_counts())
+        assert set(b) - set(a) <= fetched and not fetched & (set(a) & set(b))
+        cache_env.spy.reset()
+        with cache_env.open(blob.subset(a)) as c:    # b's flush kept a's chunks
+            assert c.usage()["complete"]
+            assert c.read(0, len(blob.view)) == blob.view_of(a)
+        with cache_env.open() as c:                  # the whole blob: both sets are warm
+            assert c.usage()["chunks_ready"] == len(set(a) | set(b))
+        assert cache_env.spy.calls == []
+
+    def test_manager_refuses_a_second_record_with_other_chunks(self, cache_env: CacheEnv):
+        blob = cache_env.blob
+        with CacheManager(cache_env.cache_dir, cache_env.spy, owns_backend=False) as mgr:
+            c = mgr.open(blob.subset(range(10)))
+            assert mgr.open(blob.subset(range(5))) is c       # a subset of what it serves
+            with pytest.raises(Exception, match="another bootstrap"):
+                mgr.open(blob.info)
 
     # ---------------------------------------------------------------- reporting
     def test_usage_reports_sparse_allocation(self, cache_env: CacheEnv):

@@ -176,13 +176,14 @@ def test_inspect_rejects_garbage_bootstrap(tmp_path, busybox_image, convert_once
     garbage = tmp_path / "garbage.boot"
     garbage.write_bytes(os.urandom(3 * 4096))
     r = nydusify("inspect", garbage, check=False)
-    assert r.returncode == 1 and "bad RAFS footer magic" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1 and "not a RAFS bootstrap" in r.stderr and "nor a blob with a ToC" in r.stderr \
+        and "Traceback" not in r.stderr, r.stderr
 
     short = tmp_path / "short.boot"
     short.write_bytes(b"RAFSBOOT")
     assert "too short" in nydusify("inspect", short, check=False).stderr
 
-    # a real bootstrap whose EROFS superblock magic is broken (the RAFS footer is intact)
+    # a real bootstrap whose EROFS superblock magic is broken
     boot, _ = convert_once(busybox_image).export(workdir / "export-busybox")
     bad = bytearray(boot.read_bytes())
     struct.pack_into("<I", bad, 1024, 0x12345678)
@@ -190,6 +191,13 @@ def test_inspect_rejects_garbage_bootstrap(tmp_path, busybox_image, convert_once
     p.write_bytes(bytes(bad))
     r = nydusify("inspect", "--json", p, check=False)
     assert r.returncode == 1 and "magic" in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr
+
+    # ... and one cut short (its superblock intact): the bootstrap reader says what is wrong
+    cut = tmp_path / "cut.boot"
+    cut.write_bytes(boot.read_bytes()[:8192])
+    r = nydusify("inspect", "--json", cut, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("nydusify inspect: error: ") \
+        and "Traceback" not in r.stderr, r.stderr
 
 
 def _converted_copy(conv, dest):
@@ -199,33 +207,65 @@ def _converted_copy(conv, dest):
     return manifest["layers"][0]["digest"]
 
 
-@pytest.mark.parametrize("footer_too", [False, True], ids=["toc-only", "toc-and-footer"])
-def test_lying_toc_is_caught(footer_too, busybox_image, convert_once, tmp_path):
-    """Rewrite a TOC entry in a converted blob and fix up nothing else (or also the blob's
-    own footer): check names the blob, whatever else the lie keeps consistent."""
+def _toc(data: bytes) -> tuple[int, list[rblob.TocEntry]]:
+    """(offset of the ToC entries, the entries) of a blob."""
+    toc = rblob.read_toc(lambda off, n: bytes(data[off:off + n]), len(data))
+    return len(data) - 512 - 128 * len(toc), toc
+
+
+@pytest.mark.parametrize("toc_too", [False, True], ids=["ci-only", "ci-and-toc"])
+def test_lying_blob_metadata_is_caught(toc_too, busybox_image, convert_once, tmp_path):
+    """Rewrite chunk 0's entry in a converted blob's compression-info array and fix up nothing else
+    (or also the ToC's sha256 of that member): check names the blob and the member that lies,
+    whatever else the lie keeps consistent. Readers trust the bootstrap's chunk table, not the
+    blob's own metadata, so export still gets every chunk right."""
     conv = convert_once(busybox_image)
     dest = tmp_path / "lying"
     digest = _converted_copy(conv, dest)
     p = blob_path(dest, digest)
     data = bytearray(p.read_bytes())
-    footer = rblob.read_footer(bytes(data[-rblob.FOOTER_SIZE:]))
-    entry0 = footer.toc_offset
-    size = struct.unpack_from("<I", data, entry0 + 8)[0]
-    struct.pack_into("<I", data, entry0 + 8, size - 1)      # chunk 0 is one byte shorter
-    if footer_too:
+    toc_at, toc = _toc(bytes(data))
+    meta = next(e for e in toc if e.name == "blob.meta")
+    # ci v1 entry 0, second u64: compressed offset bits 0-39, (size - 1) low 20 bits at 44-63
+    comp = struct.unpack_from("<Q", data, meta.compressed_offset + 8)[0]
+    struct.pack_into("<Q", data, meta.compressed_offset + 8, comp - (1 << 44))     # one byte shorter
+    if toc_too:
         import hashlib
-        toc = bytes(data[footer.toc_offset:footer.toc_offset + footer.toc_size])
-        # footer: magic 8s, 4 x u32, 3 x u64, then the TOC digest
-        struct.pack_into("32s", data, len(data) - rblob.FOOTER_SIZE + 8 + 16 + 24, hashlib.sha256(toc).digest())
+        i = toc.index(meta)
+        ci = bytes(data[meta.compressed_offset:meta.compressed_offset + meta.compressed_size])
+        struct.pack_into("32s", data, toc_at + 128 * i + 24, hashlib.sha256(ci).digest())
     p.write_bytes(bytes(data))
     ref = f"oci:{dest}:nydus"
     r = nydusify("check", "--source", busybox_image.ref, "--target", ref, check=False)
-    assert r.returncode == 1 and f"blob {digest}" in r.stderr and "TOC" in r.stderr, r.stderr
-    assert ("trusted" in r.stderr) == footer_too, r.stderr
+    assert r.returncode == 1 and f"blob {digest}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    if toc_too:
+        assert "ToC hashes to" in r.stderr and "blob table expects" in r.stderr, r.stderr
+    else:
+        assert "blob.meta does not match its sha256 in the ToC" in r.stderr, r.stderr
     with pytest.raises((IntegrityError, FormatError), match=digest):
         check_images(busybox_image.ref, ref)
-    r = nydusify("export", ref, tmp_path / "export", check=False)
-    assert f"blob {digest}" in r.stderr, r.stderr
+    nydusify("export", ref, tmp_path / "export", check=True)
+    good, _ = conv.export(tmp_path / "export-good")
+    assert [f.read_bytes() for f in sorted((tmp_path / "export" / "devices").iterdir())] == \
+        [f.read_bytes() for f in sorted((good.parent / "devices").iterdir())]
+
+
+def test_chunk_table_that_disagrees_with_the_blob_is_caught(busybox_image, convert_once):
+    """A bootstrap whose chunk table names the wrong ci entry for a chunk (its bytes still verify):
+    check's comparison with the blob's own ci array catches it."""
+    import dataclasses
+    from converter.check import verify_blobs
+    from converter.nydus_image import load_from_store
+    from converter.store import open_store
+    conv = convert_once(busybox_image)
+    with open_store(conv.ref) as store:
+        image = load_from_store(store)
+        verify_blobs(image)                              # as written: fine
+        info = image.bootstrap.meta.blobs[0]
+        assert len(info.entries) > 1
+        info.entries[0] = dataclasses.replace(info.entries[0], index=info.entries[1].index)
+        with pytest.raises(FormatError, match=f"blob sha256:{info.blob_id}: ci entry {info.entries[1].index} says"):
+            verify_blobs(image)
 
 
 def test_inspect_json_needs_no_blob(busybox_image, convert_once, tmp_path):

@@ -460,7 +460,8 @@ def test_remove_image_while_mount_at_pull_in_flight(custom_env, tmp_path, images
     """Commit does not wait for the daemon; removing the image meanwhile leaves no daemon, mount or cache."""
     env = custom_env({"daemon": {"command": [_slow_launcher(tmp_path, 2)]}})
     env.rpull(images.nydus)
-    assert _mountd_procs(env.snap.root), "no mount start in flight after the pull"
+    # the start is handed to a thread as the pull commits: its launcher shows up a moment later
+    assert _wait_for(lambda: _mountd_procs(env.snap.root), 0.8), "no mount start in flight after the pull"
     assert not mounts_under(env.snap.root / "rafs")            # the pull did not wait for it
     env.ctd.ctr("images", "rm", "--sync", images.nydus)
     assert _wait_for(lambda: not _mountd_procs(env.snap.root) and not mounts_under(env.snap.root)), \
@@ -479,7 +480,8 @@ def test_shutdown_waits_for_mount_at_pull(custom_env, tmp_path, images):
     the next snapshotter re-attaches to that daemon and serves the image."""
     env = custom_env({"daemon": {"command": [_slow_launcher(tmp_path, 1)]}})
     env.rpull(images.nydus)
-    assert _mountd_procs(env.snap.root), "no mount start in flight after the pull"
+    # the start is handed to a thread as the pull commits: its launcher shows up a moment later
+    assert _wait_for(lambda: _mountd_procs(env.snap.root), 0.8), "no mount start in flight after the pull"
     proc = env.snap.proc
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, env.snap.log()[-3000:]
@@ -499,7 +501,8 @@ def test_snapshotter_killed_during_mount_at_pull(custom_env, tmp_path, images):
     adopts it instead of failing to mount over it."""
     env = custom_env({"daemon": {"command": [_slow_launcher(tmp_path, 1)]}})
     env.rpull(images.nydus)
-    assert _mountd_procs(env.snap.root), "no mount start in flight after the pull"
+    # the start is handed to a thread as the pull commits: its launcher shows up a moment later
+    assert _wait_for(lambda: _mountd_procs(env.snap.root), 0.8), "no mount start in flight after the pull"
     env.snap.stop(kill=True)
     assert _wait_for(env.snap.daemon_pids), "the orphaned start never mounted"
     [pid] = env.snap.daemon_pids()

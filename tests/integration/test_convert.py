@@ -27,6 +27,7 @@ from rafs.bootstrap import Bootstrap
 from rafs.errors import IntegrityError
 from tests.helpers import images as im
 from tests.helpers import trees as tr
+from tests.helpers.mounts import MODES, mounter  # noqa: F401  (fixture)
 
 from .conftest import (AWKWARD_CHUNK, KiB, MiB, blob_path, nydusify, reader_tree, replace_layer_blob, run)
 
@@ -36,13 +37,14 @@ pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
 NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
-# (id, --chunk-size, compressor, digester): every chunk size and compressor once, blake3 once.
+# (id, --chunk-size, compressor, digester): every chunk size and compressor once (lz4 by Nydus's
+# name lz4_block), sha256 once (blake3 is the default).
 # The source is the awkward image made for that chunk size (sizes and repeats at its edges).
 MATRIX = [
-    ("4k-zstd", "4K", "zstd", "sha256"),
-    ("64k-lz4", "64K", "lz4", "sha256"),
-    ("1m-none", "1048576", "none", "sha256"),
-    ("64k-zstd-blake3", "0x10000", "zstd", "blake3"),
+    ("4k-zstd", "4K", "zstd", "blake3"),
+    ("64k-lz4", "64K", "lz4_block", "blake3"),
+    ("1m-none", "1048576", "none", "blake3"),
+    ("64k-zstd-sha256", "0x10000", "zstd", "sha256"),
 ]
 CHUNK_OF = {"4K": 4 * KiB, "64K": 64 * KiB, "1048576": MiB, "0x10000": 64 * KiB}
 
@@ -70,13 +72,17 @@ def bootstrap_of(layout: Path, manifest: dict) -> Bootstrap:
         return Bootstrap.from_bytes(tf.extractfile("image/image.boot").read())
 
 
-def blob_toc(layout: Path, blob_id: str, toc_digest: str | None = None) -> list[rblob.ChunkEntry]:
-    with open(blob_path(layout, "sha256:" + blob_id), "rb") as f:
-        return rblob.BlobReader.from_file(f, toc_digest=toc_digest, blob_id=blob_id).toc
+def blob_chunks(layout: Path, info) -> list[rblob.ChunkEntry]:
+    """The chunks blob `info` (a BlobInfo) lists itself, in ci order: its ci array + blob.digest,
+    read from the blob file (checked against its ToC and the blob table)."""
+    data = blob_path(layout, "sha256:" + info.blob_id).read_bytes()
+    meta = rblob.read_blob_meta(lambda off, n: data[off:off + n], len(data), info)
+    assert meta.has_digests, "a blob we write carries blob.digest"
+    return meta.entries
 
 
-def chunk_digests(content: bytes, chunk: int) -> list[bytes]:
-    return [hashlib.sha256(content[i:i + chunk]).digest() for i in range(0, len(content), chunk)]
+def chunk_digests(content: bytes, chunk: int, digester: str = "blake3") -> list[bytes]:
+    return [rdigest.digest(digester, content[i:i + chunk]) for i in range(0, len(content), chunk)]
 
 
 # --------------------------------------------------------------------------- round trips
@@ -229,16 +235,25 @@ def test_inspect_json(awkward_image, convert_once, awkward_tree, tmp_path):
         [(l["digest"], l["size"], l["mediaType"]) for l in manifest["layers"]]
     assert [l["kind"] for l in info["layers"]] == ["blob"] * 3 + ["bootstrap"]
     assert len(info["blobs"]) == 3
-    for b, layer in zip(info["blobs"], manifest["layers"]):
+    boot = bootstrap_of(conv.layout, manifest)
+    for b, layer, blob in zip(info["blobs"], manifest["layers"], boot.meta.blobs):
         assert "sha256:" + b["id"] == layer["digest"]
         assert b["compressed_size"] == layer["size"] == blob_path(conv.layout, layer["digest"]).stat().st_size
-        assert b["chunks"] == len(blob_toc(conv.layout, b["id"])) > 0
-        assert b["uncompressed_size"] % 4096 == 0 and b["compressor"] == "zstd"
+        assert b["chunks"] == len(blob_chunks(conv.layout, blob)) >= b["chunks_used"] > 0
+        assert b["uncompressed_size"] % 4096 == 0 and (b["compressor"], b["digester"]) == ("zstd", "blake3")
+        # the blob table fields of a blob as nydus-image writes one: ALIGNED, INLINED_CHUNK_DIGEST,
+        # HAS_TAR_HEADER, HAS_TOC, CAP_TAR_TOC; an uncompressed v1 ci array of 16 bytes per chunk
+        assert int(b["features"], 16) == rblob.WRITER_FEATURES == 0x70000021
+        assert set(b["feature_names"]) >= {"aligned", "has_toc"}
+        assert b["ci"]["compressor"] == "none" and b["ci"]["uncompressed_size"] == 16 * b["chunks"]
+        assert b["toc"]["size"] > 512
+    assert info["inodes"] == sum(info[k] for k in ("files", "dirs", "symlinks", "other"))
 
-    # the awkward image repeats chunks inside a file, between files and across layers
-    assert info["dedup"]["ratio"] > 1
-    assert info["dedup"]["hole_bytes"] >= im.AWKWARD_ZEROS_SIZE + MiB
-    assert info["chunk_size"] == 64 * KiB and info["digester"] == "sha256"
+    # the awkward image repeats chunks inside a file, between files and across layers; zero
+    # chunks are ordinary chunks (no holes), stored once
+    assert info["dedup"]["ratio"] > 1 and info["dedup"]["hole_bytes"] == 0
+    assert info["dedup"]["referenced_bytes"] == info["file_bytes"]
+    assert info["chunk_size"] == 64 * KiB and info["digester"] == "blake3"
 
     # counts: each inode once (hardlinks too), compared with umoci's tree
     inodes = {}
@@ -257,23 +272,26 @@ def test_inspect_json(awkward_image, convert_once, awkward_tree, tmp_path):
 
     # the human-readable form says the same
     text = nydusify("inspect", conv.ref, check=True).stdout
-    assert f"(dedup ratio {info['dedup']['ratio']})" in text and "prefetch 4 files" in text
+    assert f"(dedup ratio {info['dedup']['ratio']})" in text and "prefetch 4 entries" in text
+    assert f"inodes {info['inodes']}:" in text and "features 0x70000021" in text
 
 
 # --------------------------------------------------------------------------- dedup
 
 def test_dedup_within_and_across_layers(awkward_nydus):
-    """With the chunk size the image was made for, repeated chunks are stored once."""
+    """With the chunk size the image was made for, repeated chunks are stored once, zero chunks too."""
     conv, _, _, _, chunk, digester = awkward_nydus
     _, manifest, _ = read_image(conv.layout)
     boot = bootstrap_of(conv.layout, manifest)
     stored: dict[bytes, list[tuple[int, int]]] = {}        # digest -> [(device, block)]
-    toc_total = 0
     for dev, b in enumerate(boot.meta.blobs, start=1):
-        toc = blob_toc(conv.layout, b.blob_id, b.toc_digest)
-        toc_total += len(toc)
-        for e in toc:
+        own = blob_chunks(conv.layout, b)
+        assert [e.index for e in own] == list(range(b.chunk_count))
+        for e in own:
             stored.setdefault(e.digest, []).append((dev, e.uncompressed_offset // 4096))
+        # the chunk table lists the blob's chunks as the blob does
+        for e in b.entries:
+            assert own[e.index] == e
     assert all(len(v) == 1 for v in stored.values()), "a chunk is stored twice"
     location = {v[0]: d for d, v in stored.items()}
 
@@ -282,10 +300,12 @@ def test_dedup_within_and_across_layers(awkward_nydus):
     for path, nid in img.walk():
         if img.inode(nid).is_reg() and nid not in seen:
             seen.add(nid)
-            refs += [i for i in img.chunk_indexes(nid) if i is not None]
-    assert set(refs) <= set(location), "a chunk index points at no TOC entry"
+            refs += img.chunk_indexes(nid)
+    assert None not in refs, "a hole: RAFS v6 has none"
+    assert set(refs) <= set(location), "a chunk index points at no chunk of its blob"
     assert len(refs) > len(set(refs))          # some chunks are referenced more than once
-    assert len(set(refs)) <= toc_total
+    assert set(refs) == {(dev, e.uncompressed_offset // 4096) for dev, b in enumerate(boot.meta.blobs, 1)
+                         for e in b.entries}     # the chunk table lists exactly the chunks used
 
     idx = lambda p: img.chunk_indexes(img.resolve(p))  # noqa: E731
     dup = idx(b"/big/dup-chunks")
@@ -293,7 +313,9 @@ def test_dedup_within_and_across_layers(awkward_nydus):
     assert idx(b"/big/dup-across") == dup                # layer 3 file -> layer 1 blob
     assert dup[0][0] == 1                                # device 1 = the first layer's blob
     assert idx(b"/files/multi-copy") == idx(b"/files/multi-3c")                 # between files
-    assert idx(b"/big/zeros-8m") == [None] * (im.AWKWARD_ZEROS_SIZE // chunk)    # holes
+    zeros = idx(b"/big/zeros-8m")
+    assert len(zeros) == im.AWKWARD_ZEROS_SIZE // chunk and len(set(zeros)) == 1   # one zero chunk
+    assert location[zeros[0]] == rdigest.digest(digester, bytes(chunk))
     repeated = rdigest.digest(digester, im.random(chunk, seed=7).read())
     assert location[dup[0]] == repeated and len(stored[repeated]) == 1
 
@@ -326,9 +348,17 @@ def test_chunk_dict_stores_only_new_chunks(workdir):
     blob_ids = [x.blob_id for x in boot.meta.blobs]
     # own blob first, then the dict's blob holding the shared chunks (only the one that is used)
     assert len(blob_ids) == 2 and "sha256:" + blob_ids[1] == dict_blobs[0]
-    own = blob_toc(target, blob_ids[0], boot.meta.blobs[0].toc_digest)
+    own = blob_chunks(target, boot.meta.blobs[0])
     new = set(chunk_digests(im.random(150 * KiB, seed=21).read(), 64 * KiB))
     assert {e.digest for e in own} == new and len(own) == 3
+    # the dict blob is referenced by its chunk table entries: those the new image uses, at their
+    # ci positions in the dict's blob
+    shared = set(chunk_digests(im.random(300 * KiB, seed=11).read(), 64 * KiB)
+                 + chunk_digests(im.random(200 * KiB, seed=12).read(), 64 * KiB))
+    dict_blob = boot.meta.blobs[1]
+    assert {e.digest for e in dict_blob.entries} == shared
+    dict_own = blob_chunks(workdir / "dict-a", dict_blob)
+    assert all(dict_own[e.index] == e for e in dict_blob.entries)
 
     # the manifest lists the dict blob too, and the target layout holds it (copied)
     assert [l["digest"] for l in manifest["layers"][:-1]] == ["sha256:" + i for i in blob_ids]
@@ -369,6 +399,7 @@ def test_multi_platform_index_converts_every_platform(multi_image, workdir):
     assert sorted((m["platform"]["os"], m["platform"]["architecture"]) for m in index["manifests"]) == \
         [("linux", "amd64"), ("linux", "arm64")]
     for m in index["manifests"]:
+        assert m["platform"]["os.features"] == ["nydus.remoteimage.v1"]      # nydus-snapshotter's mark
         plat = f"{m['platform']['os']}/{m['platform']['architecture']}"
         _, manifest, config = read_image(target, platform=plat)
         assert config["architecture"] == m["platform"]["architecture"]
@@ -477,13 +508,28 @@ def test_manifest_is_nydusify_compatible(workdir):
         data = blob_path(target, layer["digest"]).read_bytes()
         assert (len(data), "sha256:" + hashlib.sha256(data).hexdigest()) == (layer["size"], layer["digest"])
 
-    # the last layer: a gzip tar holding image/image.boot, whose blob table names the blob layers
+    assert boot_layer["annotations"]["containerd.io/snapshot/nydus-fs-version"] == "6"
+    assert "containerd.io/uncompressed" not in boot_layer["annotations"]
+
+    # the last layer, as nydusify's: a gzip tar of image/, image/image.boot (whose blob table names
+    # the blob layers) and each blob's image/<id>.blob.meta (ci array padded to 4 KiB + ci header)
     tar = gzip.decompress(blob_path(target, boot_layer["digest"]).read_bytes())
     with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-        names = {m.name: m for m in tf.getmembers()}
-        assert names["image/image.boot"].isfile()
-        boot = Bootstrap.from_bytes(tf.extractfile("image/image.boot").read())
+        members = tf.getmembers()
+        boot_bytes = tf.extractfile("image/image.boot").read()
+        boot = Bootstrap.from_bytes(boot_bytes)
+        metas = {m.name: tf.extractfile(m).read() for m in members if m.name.endswith(".blob.meta")}
+    assert [(m.name, m.type, m.mode) for m in members[:2]] == \
+        [("image", tarfile.DIRTYPE, 0o755), ("image/image.boot", tarfile.REGTYPE, 0o444)]
+    assert len(boot_bytes) % 4096 == 0
     assert ["sha256:" + b.blob_id for b in boot.meta.blobs] == [l["digest"] for l in blobs]
+    assert sorted(metas) == sorted(f"image/{b.blob_id}.blob.meta" for b in boot.meta.blobs)
+    for b in boot.meta.blobs:
+        meta = rblob.parse_blob_meta(metas[f"image/{b.blob_id}.blob.meta"], compressor=b.compressor)
+        assert len(metas[f"image/{b.blob_id}.blob.meta"]) == rblob.align_up(16 * b.chunk_count) + 4096
+        assert [e.index for e in meta.entries] == list(range(b.chunk_count))
+        assert [(e.uncompressed_offset, e.compressed_offset, e.compressed_size) for e in meta.entries] == \
+            [(e.uncompressed_offset, e.compressed_offset, e.compressed_size) for e in blob_chunks(target, b)]
 
     # config: runtime settings kept, diff_ids = blob digests + sha256 of the bootstrap layer's tar
     src_config = src.manifest.config
@@ -521,9 +567,11 @@ def ranged_nydus(awkward_image, convert_once, tmp_path_factory):
 
 
 def _blob_tocs(conv) -> list[list[bytes]]:
+    """Per blob: its chunk digests in blob order."""
     _, manifest, _ = read_image(conv.layout)
     boot = bootstrap_of(conv.layout, manifest)
-    return [[e.digest for e in blob_toc(conv.layout, b.blob_id, b.toc_digest)] for b in boot.meta.blobs]
+    return [[e.digest for e in sorted(blob_chunks(conv.layout, b), key=lambda e: e.compressed_offset)]
+            for b in boot.meta.blobs]
 
 
 def test_ranged_list_puts_its_chunks_first(ranged_nydus, awkward_image, convert_once, workdir, kernel_mount,
@@ -539,11 +587,13 @@ def test_ranged_list_puts_its_chunks_first(ranged_nydus, awkward_image, convert_
 
     # layer 1's blob starts with those chunks, in list order; the rest as without a list
     m5 = chunk_digests(im.random(5 * C, seed=1002).read(), C)
-    dup = rdigest.digest("sha256", im.random(C, seed=7).read())
+    dup = rdigest.digest("blake3", im.random(C, seed=7).read())
     tail = chunk_digests(im.random(C + 1, seed=C + 1).read(), C)[1]
     tocs, plain = _blob_tocs(conv), _blob_tocs(convert_once(awkward_image, "--chunk-size", "64K"))
     assert tocs[0][:4] == [m5[1], m5[3], dup, tail]
-    hello = bytes.fromhex(awkward_tree[b"etc/hello.txt"].sha256)     # one chunk: its digest
+    (ext,) = boot.file_extents(boot.resolve(b"/etc/hello.txt"), 0, C)     # one chunk: its digest
+    hello = next(e.digest for e in boot.meta.blobs[ext.blob_index].entries
+                 if e.uncompressed_offset == ext.blob_offset)
     assert any(hello in t[:8] for t in tocs)                            # at the head of its blob
     # dedup unchanged: each blob stores the same chunks, each once
     assert [sorted(t) for t in tocs] == [sorted(t) for t in plain] and tocs != plain
@@ -587,3 +637,201 @@ def test_bad_prefetch_lines_fail_the_conversion(line, message, awkward_image, wo
 def tr_tags(layout: Path) -> list[str]:
     from .conftest import layout_tags
     return layout_tags(layout)
+
+
+# --------------------------------------------------------------------------- zero chunks
+
+def test_zero_filled_files_read_back_as_zeros_from_one_stored_chunk(workdir, tmp_path, kernel_mount):
+    """RAFS v6 has no holes: zero chunks are ordinary chunks, and deduplicate like any other:
+    a zero file, zeros inside a file and a zero tail all read back as zeros, and the blob stores
+    the full zero chunk once (and the short zero tail once)."""
+    C = 64 * KiB
+    zero_tail = 1000
+    layers = [[D("z"), F("z/zeros", im.zeros(5 * C)),
+               F("z/mixed", im.concat(im.random(C, seed=1), im.zeros(2 * C), im.random(C, seed=2),
+                                      im.zeros(zero_tail))),
+               F("z/small", im.zeros(zero_tail))],
+              [D("z"), F("z/again", im.zeros(3 * C))]]
+    src = im.build_oci_layout(tmp_path / "src", "zeros", layers)
+    target = tmp_path / "nydus"
+    ref = f"oci:{target}:nydus"
+    nydusify("convert", "--source", src.ref, "--target", ref, "--chunk-size", "64K", check=True)
+    tree = reader_tree(ref)
+    assert tree[b"z/zeros"].sha256 == hashlib.sha256(bytes(5 * C)).hexdigest()
+    assert tree[b"z/again"].sha256 == hashlib.sha256(bytes(3 * C)).hexdigest()
+    assert tree[b"z/small"].sha256 == hashlib.sha256(bytes(zero_tail)).hexdigest()
+    mixed = im.random(C, seed=1).read() + bytes(2 * C) + im.random(C, seed=2).read() + bytes(zero_tail)
+    assert tree[b"z/mixed"].sha256 == hashlib.sha256(mixed).hexdigest()
+
+    _, manifest, _ = read_image(target)
+    boot = bootstrap_of(target, manifest)
+    img = boot.erofs
+    idx = lambda p: img.chunk_indexes(img.resolve(p))  # noqa: E731
+    zero = idx(b"/z/zeros")
+    assert None not in zero and len(set(zero)) == 1 and zero[0][0] == 1      # in layer 0's blob
+    assert idx(b"/z/again") == zero[:3]                                     # layer 1 adds nothing ...
+    assert len(manifest["layers"]) == 2                                     # ... so it has no blob
+    assert idx(b"/z/mixed")[1:3] == zero[:2] and idx(b"/z/mixed")[4] == idx(b"/z/small")[0] != zero[0]
+    (blob,) = boot.meta.blobs
+    zero_chunks = [e for e in blob_chunks(target, blob)
+                   if e.digest in (rdigest.digest("blake3", bytes(C)), rdigest.digest("blake3", bytes(zero_tail)))]
+    assert sorted(e.uncompressed_size for e in zero_chunks) == [zero_tail, C]   # each stored once
+    assert blob.chunk_count == 4                  # the two zero chunks + the two random ones
+
+    boot_path, devices = _export(ref, tmp_path / "export")
+    mnt = kernel_mount(boot_path, devices)
+    assert (mnt / "z" / "zeros").read_bytes() == bytes(5 * C)
+    assert (mnt / "z" / "mixed").read_bytes() == mixed
+    nydusify("check", "--source", src.ref, "--target", ref, check=True)
+
+
+def _export(ref: str, out: Path) -> tuple[Path, list[Path]]:
+    nydusify("export", ref, out, check=True)
+    return out / "image.boot", sorted((out / "devices").iterdir(), key=lambda p: int(p.name))
+
+
+# --------------------------------------------------------------------------- local files (--blob-dir)
+
+def _local_copy(layout: Path, dest: Path, tag: str = "nydus") -> tuple[Path, Path, Bootstrap]:
+    """The converted image `tag` in `layout` as local files: dest/image.boot and dest/blobs/<blob id>."""
+    _, manifest, _ = read_image(layout, tag)
+    boot = bootstrap_of(layout, manifest)
+    blobs = dest / "blobs"
+    blobs.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob_path(layout, manifest["layers"][-1]["digest"])
+                                                         .read_bytes()))) as tf:
+        (dest / "image.boot").write_bytes(tf.extractfile("image/image.boot").read())
+    for b in boot.meta.blobs:
+        shutil.copyfile(blob_path(layout, "sha256:" + b.blob_id), blobs / b.blob_id)
+    return dest / "image.boot", blobs, boot
+
+
+def test_inspect_and_export_a_local_bootstrap_with_blob_dir(awkward_image, convert_once, tmp_path, kernel_mount,
+                                                           awkward_tree):
+    conv = convert_once(awkward_image, "--chunk-size", "64K")
+    boot_file, blob_dir, boot = _local_copy(conv.layout, tmp_path / "local")
+
+    by_ref = json.loads(nydusify("inspect", "--json", conv.ref, check=True).stdout)
+    info = json.loads(nydusify("inspect", "--json", boot_file, "--blob-dir", blob_dir, check=True).stdout)
+    assert "layers" not in info and info["inodes"] == by_ref["inodes"] > 0
+    assert [b["id"] for b in info["blobs"]] == [b.blob_id for b in boot.meta.blobs]
+    for b in info["blobs"]:
+        assert b["local_size"] == b["compressed_size"] == (blob_dir / b["id"]).stat().st_size
+    assert {k: v for k, v in info.items() if k != "blobs"} == {k: v for k, v in by_ref.items()
+                                                               if k not in ("blobs", "layers")}
+    # the bootstrap alone inspects too (nothing to say about blob files then)
+    alone = json.loads(nydusify("inspect", "--json", boot_file, check=True).stdout)
+    assert alone["inodes"] == info["inodes"] and all("local_size" not in b for b in alone["blobs"])
+    text = nydusify("inspect", boot_file, "--blob-dir", blob_dir, check=True).stdout
+    assert f"inodes {info['inodes']}:" in text and "local file" in text
+
+    # export from the local files == export from the image reference, byte for byte
+    nydusify("export", boot_file, tmp_path / "out", "--blob-dir", blob_dir, check=True)
+    ref_boot, ref_devices = _export(conv.ref, tmp_path / "out-ref")
+    assert (tmp_path / "out" / "image.boot").read_bytes() == ref_boot.read_bytes() == boot_file.read_bytes()
+    devices = sorted((tmp_path / "out" / "devices").iterdir(), key=lambda p: int(p.name))
+    assert [d.read_bytes() for d in devices] == [d.read_bytes() for d in ref_devices]
+    tr.assert_trees_equal(awkward_tree, tr.snapshot_tree(kernel_mount(tmp_path / "out" / "image.boot", devices)),
+                          **tr.UMOCI_DIFF_OPTIONS)
+
+    # a bootstrap without --blob-dir cannot be exported; a missing blob file is named
+    r = nydusify("export", boot_file, tmp_path / "out2", check=False)
+    assert "--blob-dir" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    gone = boot.meta.blobs[1].blob_id
+    (blob_dir / gone).unlink()
+    r = nydusify("export", boot_file, tmp_path / "out3", "--blob-dir", blob_dir, check=False)
+    assert gone in r.stderr and "not found" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    info = json.loads(nydusify("inspect", "--json", boot_file, "--blob-dir", blob_dir, check=True).stdout)
+    assert info["blobs"][1]["local_size"] is None
+    assert "missing from --blob-dir" in nydusify("inspect", boot_file, "--blob-dir", blob_dir, check=True).stdout
+    # --blob-dir goes with local files only
+    r = nydusify("inspect", conv.ref, "--blob-dir", blob_dir, check=False)
+    assert "--blob-dir goes with a local bootstrap or blob file" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mount_a_local_bootstrap_with_blob_dir(mode, awkward_image, convert_once, tmp_path, awkward_tree, mounter):
+    conv = convert_once(awkward_image, "--chunk-size", "64K")
+    boot_file, blob_dir, _ = _local_copy(conv.layout, tmp_path / "local")
+    m = mounter.mount(str(boot_file), mode=mode, extra=("--blob-dir", blob_dir), plain_http=False)
+    tr.assert_trees_equal(awkward_tree, tr.snapshot_tree(m.path), **tr.UMOCI_DIFF_OPTIONS)
+
+
+def test_a_nydus_blob_carrying_its_bootstrap_inspects_and_exports(tmp_path):
+    """nydusd's inlined-bootstrap case: the blob file (../shared/fixtures/nydus/toc/) is the REF;
+    its own bootstrap describes it; fsck.erofs (erofs-utils) extracts the export."""
+    from tests.helpers.nydus_rules import fixtures_dir
+    (blob,) = (fixtures_dir() / "toc").iterdir()
+    info = json.loads(nydusify("inspect", "--json", blob, check=True).stdout)
+    assert info["files"] == 3 and len(info["blobs"]) == 1
+    assert info["blobs"][0]["local_size"] == blob.stat().st_size       # the blob file serves the blob
+    nydusify("export", blob, tmp_path / "out", check=True)
+    out = tmp_path / "extract"
+    r = run("fsck.erofs", f"--device={tmp_path / 'out' / 'devices' / '0'}", f"--extract={out}",
+            tmp_path / "out" / "image.boot", ok=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert files == ["error.rs", "lib.rs", "logger.rs"] and all(p.stat().st_size for p in out.rglob("*.rs"))
+
+
+# --------------------------------------------------------------------------- chunk dict from a bootstrap
+
+def test_chunk_dict_from_a_bootstrap_file(workdir, tmp_path):
+    """--chunk-dict BOOTSTRAP: the dictionary is the bootstrap's chunk table; the blobs it names
+    must be in the target already (they are not read to build the dictionary)."""
+    a = im.build_oci_layout(workdir / "dict-src", "a", _shared_layers("a"))
+    b = im.build_oci_layout(workdir / "dict-src", "b", _shared_layers("b"))
+    target = tmp_path / "t"
+    nydusify("convert", "--source", a.ref, "--target", f"oci:{target}:a", "--chunk-size", "64K", check=True)
+    boot_file, _, dict_boot = _local_copy(target, tmp_path / "local", "a")
+    nydusify("convert", "--source", b.ref, "--target", f"oci:{target}:b", "--chunk-size", "64K",
+             "--chunk-dict", boot_file, check=True)
+    _, manifest, _ = read_image(target, "b")
+    boot = bootstrap_of(target, manifest)
+    assert [x.blob_id for x in boot.meta.blobs][1:] == [dict_boot.meta.blobs[0].blob_id]
+    dict_entries = {e.digest: e for e in dict_boot.meta.blobs[0].entries}
+    used = boot.meta.blobs[1].entries
+    assert used and all(dict_entries[e.digest] == e for e in used)
+    nydusify("check", "--source", b.ref, "--target", f"oci:{target}:b", check=True)
+    # a dictionary made with another digester cannot match anything: refused, saying so
+    r = nydusify("convert", "--source", b.ref, "--target", f"oci:{tmp_path / 'x'}:b", "--chunk-size", "64K",
+                 "--digester", "sha256", "--chunk-dict", boot_file, check=False)
+    assert "digester" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_nydus_bootstrap_as_chunk_dict(tmp_path):
+    """The chunk table of a bootstrap nydus-image wrote (../shared/fixtures/nydus/) is a dictionary:
+    a file holding the same bytes as one of its files is not stored again; its chunk index points
+    at the Nydus blob's ci entry, and it reads back through that blob."""
+    from converter.convert import ConvertOptions, convert
+    from tests.helpers.nydus_rules import fixtures_dir
+    fx = fixtures_dir()
+    nboot = Bootstrap.open(fx / "rafs-v6-2.2.boot")
+    (nblob,) = nboot.meta.blobs
+    data = (fx / "blobs" / nblob.blob_id).read_bytes()
+    reader = rblob.BlobReader.from_bytes(data, nblob)
+    nid = nboot.resolve(b"/lib.rs")
+    size = nboot.getattr(nid).size
+    lib_rs = b"".join(reader.read_range(e.blob_offset, e.length) for e in nboot.file_extents(nid, 0, size))
+    assert len(lib_rs) == size > 0
+
+    src = im.build_oci_layout(tmp_path / "src", "s", [[D("src"), F("src/lib.rs", lib_rs),
+                                                       F("src/new.rs", b"fn main() {}\n")]])
+    target = tmp_path / "t"
+    # the target must already hold the dictionary's blob (as with any bootstrap file as dict)
+    (target / "blobs" / "sha256").mkdir(parents=True)
+    shutil.copyfile(fx / "blobs" / nblob.blob_id, target / "blobs" / "sha256" / nblob.blob_id)
+    convert(src.ref, f"oci:{target}:t", ConvertOptions(chunk_size=nboot.meta.chunk_size,
+                                                       chunk_dict=str(fx / "rafs-v6-2.2.boot")))
+    _, manifest, _ = read_image(target, "t")
+    boot = bootstrap_of(target, manifest)
+    assert [b.blob_id for b in boot.meta.blobs][1:] == [nblob.blob_id]
+    used = boot.meta.blobs[1].entries
+    lib_digests = {rdigest.digest("blake3", lib_rs[i:i + nboot.meta.chunk_size])
+                   for i in range(0, size, nboot.meta.chunk_size)}
+    assert {e.digest for e in used} == lib_digests
+    assert all(nblob.entry(e.index) == e for e in used)          # the Nydus blob's own ci positions
+    tree = reader_tree(f"oci:{target}:t")
+    assert tree[b"src/lib.rs"].sha256 == hashlib.sha256(lib_rs).hexdigest()
+    own = blob_chunks(target, boot.meta.blobs[0])
+    assert [e.digest for e in own] == [rdigest.digest("blake3", b"fn main() {}\n")]

@@ -28,10 +28,10 @@ def chunk_of(ref: str, path: str, which: int) -> tuple[str, int, int]:
         nid = boot.resolve(b"/" + path.encode())
         exts = [e for e in boot.file_extents(nid, 0, boot.getattr(nid).size) if e.blob_index >= 0]
         blob = exts[0].blob_index
-        reader = image.blob_reader(blob)
         offs = [e.blob_offset + k for e in exts for k in range(0, e.length, boot.meta.chunk_size)]
         target = offs[which]
-        entry = next(c for c in reader.toc if c.uncompressed_offset <= target < c.uncompressed_end)
+        entry = next(c for c in boot.meta.blobs[blob].entries      # the bootstrap's chunk table
+                     if c.uncompressed_offset <= target < c.uncompressed_end)
         return image.blob_digest(blob), entry.compressed_offset, entry.compressed_size
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rafs.errors import BackendError, IntegrityError
+from rafs.errors import BackendError, FormatError, IntegrityError
 from rafs.storage.backend import (BlobBackend, BlobNotFound, LocalFsBackend, MirrorBackend,
                                   RetryPolicy, TransientBackendError, normalize_blob_id)
 from rafs.storage.cache import BlobCache, CacheInUse, CacheManager, ChunkMap, ChunkMapError
@@ -60,7 +60,7 @@ class TestCacheConformance(CacheConformance):
 
 class TestChunkMap:
     def _map(self, n=70):
-        return ChunkMap(n, blob_id="ab" * 32, toc_digest="sha256:" + "cd" * 32, view_size=n * 4096)
+        return ChunkMap(n, blob_id="sha256:" + "ab" * 32, view_size=n * 4096)
 
     def test_round_trip(self):
         m = self._map()
@@ -69,8 +69,7 @@ class TestChunkMap:
         m.clear(7)
         data = m.encode()
         assert len(data) == file_size(70)
-        back = ChunkMap.decode(data, chunk_count=70, blob_id="ab" * 32, toc_digest="cd" * 32,
-                               view_size=70 * 4096)
+        back = ChunkMap.decode(data, chunk_count=70, blob_id="ab" * 32, view_size=70 * 4096)
         assert back.ready_indices() == [0, 8, 63, 64, 69]
         assert back.xxh64(64) == 1064 and back.xxh64(7) == 0 and back.ready_count == 5
 
@@ -82,18 +81,19 @@ class TestChunkMap:
     def test_damage_is_detected(self, damage, reason):
         data = damage(self._map().encode())
         with pytest.raises(ChunkMapError, match=reason):
-            ChunkMap.decode(data, chunk_count=70, blob_id="ab" * 32, toc_digest="cd" * 32,
-                            view_size=70 * 4096)
+            ChunkMap.decode(data, chunk_count=70, blob_id="ab" * 32, view_size=70 * 4096)
 
-    def test_another_blob_is_refused(self):
+    @pytest.mark.parametrize("other", [dict(blob_id="ef" * 32), dict(chunk_count=71),
+                                       dict(view_size=71 * 4096)])
+    def test_another_blob_is_refused(self, other):
         data = self._map().encode()
+        kw = {"chunk_count": 70, "blob_id": "ab" * 32, "view_size": 70 * 4096, **other}
         with pytest.raises(ChunkMapError, match="another blob"):
-            ChunkMap.decode(data, chunk_count=70, blob_id="ef" * 32, toc_digest="cd" * 32,
-                            view_size=70 * 4096)
+            ChunkMap.decode(data, **kw)
 
     def test_load_missing_file_is_empty_with_reason(self, tmp_path):
         m, reason = ChunkMap.load(tmp_path / "x.chunkmap", chunk_count=3, blob_id="ab" * 32,
-                                  toc_digest="cd" * 32, view_size=3 * 4096)
+                                  view_size=3 * 4096)
         assert m.ready_count == 0 and reason
 
     def test_save_is_atomic_replace(self, tmp_path):
@@ -102,8 +102,7 @@ class TestChunkMap:
         p = tmp_path / "a.chunkmap"
         m.save(p)
         assert not (tmp_path / "a.chunkmap.tmp").exists() and not list(tmp_path.glob("*.tmp"))
-        m2, reason = ChunkMap.load(p, chunk_count=70, blob_id="ab" * 32, toc_digest="cd" * 32,
-                                   view_size=70 * 4096)
+        m2, reason = ChunkMap.load(p, chunk_count=70, blob_id="ab" * 32, view_size=70 * 4096)
         assert reason is None and m2.ready_indices() == [3]
 
 
@@ -238,7 +237,7 @@ def test_corrupt_bytes_from_a_mirror_are_replaced_by_the_origins(tmp_path, caplo
     blob, mirror, origin = _mirror_setup(tmp_path, "copy")
     e = blob.entries[3]
     mirror.corrupt(e.compressed_offset + 7)
-    with BlobCache(tmp_path / "cache", blob.summary, MirrorBackend([mirror], origin)) as c:
+    with BlobCache(tmp_path / "cache", blob.info, MirrorBackend([mirror], origin)) as c:
         assert c.read(0, len(blob.view)) == blob.view
         snap = c.metrics.snapshot()
         assert snap["verify_failures"] == 1
@@ -248,7 +247,7 @@ def test_corrupt_bytes_from_a_mirror_are_replaced_by_the_origins(tmp_path, caplo
 def test_corrupt_bytes_without_another_source_are_an_integrity_error(tmp_path):
     blob, mirror, _ = _mirror_setup(tmp_path, "copy")
     mirror.corrupt(blob.entries[0].compressed_offset + 1)
-    with BlobCache(tmp_path / "cache", blob.summary, mirror) as c:
+    with BlobCache(tmp_path / "cache", blob.info, mirror) as c:
         with pytest.raises(IntegrityError):
             c.read(0, 10)
 
@@ -260,8 +259,8 @@ def test_cache_manager_shares_caches_and_aggregates_stats(tmp_path):
     for b in blobs:
         _store(tmp_path / "layout", b)
     with CacheManager(tmp_path / "cache", LocalFsBackend(tmp_path / "layout")) as mgr:
-        caches = [mgr.open(b.summary) for b in blobs]
-        assert mgr.open(blobs[0].summary) is caches[0]
+        caches = [mgr.open(b.info) for b in blobs]
+        assert mgr.open(blobs[0].info) is caches[0]
         assert mgr.get("sha256:" + blobs[1].blob_id) is caches[1]
         for c, b in zip(caches, blobs):
             assert c.read(0, 1000) == b.view[:1000]
@@ -271,19 +270,24 @@ def test_cache_manager_shares_caches_and_aggregates_stats(tmp_path):
         assert st["totals"]["blobs"] == 3
         assert st["totals"]["chunks_ready"] == st["totals"]["chunks_total"] == 18
         assert st["totals"]["disk_bytes"] >= st["totals"]["bytes_ready"]
-        assert st["metrics"]["bytes_fetched"] == sum(b.summary.toc_offset for b in blobs)
+        assert st["metrics"]["bytes_fetched"] == sum(b.data_end for b in blobs)
         assert list(st["metrics"]["sources"]) == [f"localfs {tmp_path / 'layout'}"]
         with pytest.raises(CacheInUse):                # a second BlobCache of a blob in one process
-            BlobCache(tmp_path / "cache", blobs[0].summary, LocalFsBackend(tmp_path / "layout"))
+            BlobCache(tmp_path / "cache", blobs[0].info, LocalFsBackend(tmp_path / "layout"))
 
 
-def test_bootstrap_blob_record_must_match_the_footer(tmp_path):
+def test_chunks_are_decoded_with_the_blob_tables_compressor(tmp_path):
     import dataclasses
     blob = make_blob(30, chunks=4)
     _store(tmp_path / "layout", blob)
-    bad = dataclasses.replace(blob.summary, compressor="lz4")
-    with pytest.raises(Exception, match="compressor"):
-        BlobCache(tmp_path / "cache", bad, LocalFsBackend(tmp_path / "layout"))
+    bad = dataclasses.replace(blob.info, compressor="lz4")     # the record is what counts
+    with BlobCache(tmp_path / "cache", bad, LocalFsBackend(tmp_path / "layout")) as c:
+        e = blob.entries[1]                                     # compressed (0 is stored plain)
+        with pytest.raises(IntegrityError, match="chunk #1"):
+            c.read(e.uncompressed_offset, 10)
+    unknown = dataclasses.replace(blob.info, compressor="brotli")
+    with pytest.raises(FormatError, match="not supported"):
+        BlobCache(tmp_path / "cache", unknown, LocalFsBackend(tmp_path / "layout"))
 
 
 def test_factory_builds_localfs_storage(tmp_path):
@@ -293,7 +297,7 @@ def test_factory_builds_localfs_storage(tmp_path):
                         CacheConfig(dir=str(tmp_path / "cache"), merge_size=128 << 10))
     with build_storage(cfg) as mgr:
         assert isinstance(mgr.backend, LocalFsBackend)
-        c = mgr.open(blob.summary)
+        c = mgr.open(blob.info)
         assert c.merge_size == 128 << 10
         assert c.read(0, len(blob.view)) == blob.view
 
@@ -332,11 +336,12 @@ def test_demand_gate_blocks_background_until_idle():
         assert g.wait_idle(stop) is False
 
 
-@pytest.mark.parametrize("compressor", ["lz4", "none"])
-def test_other_compressors(tmp_path, compressor):
-    blob = make_blob(40, chunks=6, compressor=compressor)
+@pytest.mark.parametrize("compressor, digester", [("lz4", "blake3"), ("none", "blake3"),
+                                                  ("zstd", "sha256")])
+def test_other_compressors_and_digesters(tmp_path, compressor, digester):
+    blob = make_blob(40, chunks=6, compressor=compressor, digester=digester)
     _store(tmp_path / "layout", blob)
-    with BlobCache(tmp_path / "cache", blob.summary, LocalFsBackend(tmp_path / "layout")) as c:
+    with BlobCache(tmp_path / "cache", blob.info, LocalFsBackend(tmp_path / "layout")) as c:
         assert c.read(0, len(blob.view)) == blob.view
 
 
@@ -351,7 +356,7 @@ def test_unwritable_cache_still_serves_verified_bytes(tmp_path, monkeypatch, cap
     def full(fd, data, off):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with BlobCache(tmp_path / "cache", blob.summary, LocalFsBackend(tmp_path / "layout")) as c:
+    with BlobCache(tmp_path / "cache", blob.info, LocalFsBackend(tmp_path / "layout")) as c:
         monkeypatch.setattr(blobcache.os, "pwrite", full)
         assert c.read(100, len(blob.view) - 200) == blob.view[100:-100]
         assert c.usage()["chunks_ready"] == 0
@@ -361,10 +366,10 @@ def test_unwritable_cache_still_serves_verified_bytes(tmp_path, monkeypatch, cap
     assert any("cannot write chunk" in r.getMessage() for r in caplog.records)
 
 
-# --------------------------------------------------------------------------- open, TOC metrics
+# --------------------------------------------------------------------------- open
 
-class _SlowTocFor(CountingBackend):
-    """Reads of blob `slow` (its TOC) wait for `release`; other blobs answer at once."""
+class _SlowFor(CountingBackend):
+    """Reads of blob `slow` wait for `release`; other blobs answer at once."""
 
     def __init__(self, inner, slow: str):
         super().__init__(inner)
@@ -377,57 +382,63 @@ class _SlowTocFor(CountingBackend):
         return super()._read_range(blob_id, offset, size)
 
 
-def test_manager_open_fetches_tocs_without_holding_its_lock(tmp_path):
+def test_a_stalled_blob_does_not_hold_up_another(tmp_path):
     a, b = make_blob(60, chunks=4), make_blob(61, chunks=4)
     for blob in (a, b):
         _store(tmp_path / "layout", blob)
-    spy = _SlowTocFor(LocalFsBackend(tmp_path / "layout"), a.blob_id)
+    spy = _SlowFor(LocalFsBackend(tmp_path / "layout"), a.blob_id)
     with CacheManager(tmp_path / "cache", spy) as mgr:
         got: list = []
-        opener = [threading.Thread(target=lambda: got.append(mgr.open(a.summary)))
-                  for _ in range(3)]
-        for t in opener:
+        readers = [threading.Thread(target=lambda: got.append(mgr.open(a.info).read(0, 100)))
+                   for _ in range(3)]
+        for t in readers:
             t.start()
-        time.sleep(0.1)                                 # blob A's TOC fetch is stalled
+        time.sleep(0.1)                                 # blob A's fetch is stalled
         t0 = time.monotonic()
-        cb = mgr.open(b.summary)                        # ... and does not hold up blob B
-        assert time.monotonic() - t0 < 0.5
+        cb = mgr.open(b.info)                           # ... and does not hold up blob B
         assert cb.read(0, 100) == b.view[:100]
+        assert time.monotonic() - t0 < 0.5
         assert not got
         spy.release.set()
-        for t in opener:
+        for t in readers:
             t.join(10)
-        assert len(got) == 3 and got[0] is got[1] is got[2] is mgr.open(a.summary)
-        assert sum(1 for bid, _, _ in spy.calls if bid == a.blob_id) == 1   # one TOC fetch
-        assert got[0].read(0, len(a.view)) == a.view
+        assert got == [a.view[:100]] * 3
+        assert sum(1 for bid, _, _ in spy.calls if bid == a.blob_id) == 1   # one fetch, shared
 
 
-def test_manager_open_shares_an_open_error_and_retries_later(tmp_path):
+def test_manager_open_shares_one_cache_between_threads(tmp_path):
     a = make_blob(62, chunks=4)
     _store(tmp_path / "layout", a)
     spy = CountingBackend(LocalFsBackend(tmp_path / "layout"))
     with CacheManager(tmp_path / "cache", spy) as mgr:
+        got: list = []
+        ts = [threading.Thread(target=lambda: got.append(mgr.open(a.info))) for _ in range(8)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        assert len(got) == 8 and all(c is got[0] for c in got)
+        assert spy.calls == [] and spy.size_calls == 0  # opening fetches nothing
         spy.fail_next(1)
         with pytest.raises(BackendError):
-            mgr.open(a.summary)
-        assert mgr.get(a.blob_id) is None
-        assert mgr.open(a.summary).read(0, 10) == a.view[:10]
+            got[0].read(0, 10)
+        assert got[0].read(0, 10) == a.view[:10]
 
 
-def test_toc_fetches_are_counted_apart_from_chunk_bytes(tmp_path):
+def test_only_chunk_data_is_fetched_and_counted(tmp_path):
     blob = make_blob(63, chunks=20)
     _store(tmp_path / "layout", blob)
     backend = LocalFsBackend(tmp_path / "layout")
-    tail = min(len(blob.data), 128 + (64 << 10))        # footer + the first TOC read's hint
-    with BlobCache(tmp_path / "cache", blob.summary, backend) as c:
+    with BlobCache(tmp_path / "cache", blob.info, backend) as c:
         snap = c.metrics.snapshot()
-        assert (snap["toc_requests"], snap["toc_bytes"]) == (1, tail)
         assert snap["bytes_fetched"] == 0 and snap["requests"] == 0
+        assert not any(k.startswith("toc") for k in snap)
         c.read(0, len(blob.view))
         snap = json.loads(json.dumps(c.metrics.snapshot()))
-        assert snap["bytes_fetched"] == blob.summary.toc_offset and snap["toc_bytes"] == tail
-    with BlobCache(tmp_path / "cache", blob.summary, backend) as c:   # cached TOC: no request
-        assert c.metrics.snapshot()["toc_requests"] == 0
+        assert snap["bytes_fetched"] == blob.data_end < len(blob.data)
+        assert snap["sources"][backend.name]["bytes"] == blob.data_end
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".blob", ".chunkmap",
+                                                                          ".lock"]
 
 
 # --------------------------------------------------------------------------- shared cache dir
@@ -438,14 +449,14 @@ def _shared_reader(cache_dir, layout, seed, chunks, opts, barrier, results):
         blob = make_blob(seed)
         spy = CountingBackend(LocalFsBackend(layout))
         spy.delay = 0.003
-        with BlobCache(cache_dir, blob.summary, spy, **opts) as c:
+        with BlobCache(cache_dir, blob.info, spy, **opts) as c:
             spy.reset()
             if barrier is not None:
                 barrier.wait(20)
             bad = [i for i in chunks
                    if c.read(blob.entries[i].uncompressed_offset, blob.entries[i].uncompressed_size)
                    != blob.view[blob.entries[i].uncompressed_offset:blob.entries[i].uncompressed_end]]
-            results.put(("ok", bad, len(spy.data_calls(blob.summary.toc_offset))))
+            results.put(("ok", bad, len(spy.data_calls(blob.data_end))))
     except BaseException as e:                          # reported to the test
         results.put(("error", repr(e), 0))
 
@@ -480,7 +491,7 @@ def test_two_processes_share_one_cache_dir(tmp_path):
         assert bad == [], f"wrong bytes served for chunks {bad}"
     union = sorted(set(first) | set(second))
     spy = CountingBackend(LocalFsBackend(tmp_path / "layout"))
-    with BlobCache(tmp_path / "cache", blob.summary, spy, readahead=False) as c:
+    with BlobCache(tmp_path / "cache", blob.info, spy, readahead=False) as c:
         ready = [i for i in range(n) if c.chunk_ready(i)]
         assert ready == union                           # no chunk map update was lost
         spy.reset()
@@ -496,7 +507,7 @@ def test_a_process_uses_chunks_another_one_fetched(tmp_path):
     blob = make_blob(seed)
     _store(tmp_path / "layout", blob)
     spy = CountingBackend(LocalFsBackend(tmp_path / "layout"))
-    with BlobCache(tmp_path / "cache", blob.summary, spy, readahead=False) as mine:
+    with BlobCache(tmp_path / "cache", blob.info, spy, readahead=False) as mine:
         out = _run_readers(tmp_path, seed, [list(range(10, 20))],
                            dict(readahead=False, merge_size=64 << 10), barrier=False)
         assert out[0][:2] == ("ok", []) and out[0][2] > 0
@@ -504,7 +515,7 @@ def test_a_process_uses_chunks_another_one_fetched(tmp_path):
         e0, e1 = blob.entries[10], blob.entries[19]
         assert mine.read(e0.uncompressed_offset, e1.uncompressed_end - e0.uncompressed_offset) == \
             blob.view[e0.uncompressed_offset:e1.uncompressed_end]
-        assert spy.data_calls(blob.summary.toc_offset) == []   # re-read the map, xxh64-checked
+        assert spy.data_calls(blob.data_end) == []   # re-read the map, xxh64-checked
 
 
 def test_a_second_process_never_discards_a_live_users_chunks(tmp_path):
@@ -512,7 +523,7 @@ def test_a_second_process_never_discards_a_live_users_chunks(tmp_path):
     blob = make_blob(seed)
     _store(tmp_path / "layout", blob)
     spy = CountingBackend(LocalFsBackend(tmp_path / "layout"))
-    with BlobCache(tmp_path / "cache", blob.summary, spy, flush_interval=3600,
+    with BlobCache(tmp_path / "cache", blob.info, spy, flush_interval=3600,
                    flush_chunks=10**6) as mine:
         assert mine.read(0, len(blob.view)) == blob.view      # ready here, no chunkmap file yet
         assert not os.path.exists(mine.map_path)
@@ -521,12 +532,12 @@ def test_a_second_process_never_discards_a_live_users_chunks(tmp_path):
         spy.reset()
         assert mine.read(0, len(blob.view)) == blob.view      # the data file was not truncated
         assert spy.calls == []
-    with BlobCache(tmp_path / "cache", blob.summary, spy) as again:
+    with BlobCache(tmp_path / "cache", blob.info, spy) as again:
         assert again.usage()["complete"]                       # both maps merged
 
 
 def test_chunkmap_merge_ors_ready_bits():
-    kw = dict(blob_id="ab" * 32, toc_digest="cd" * 32, view_size=70 * 4096)
+    kw = dict(blob_id="ab" * 32, view_size=70 * 4096)
     a, b = ChunkMap(70, **kw), ChunkMap(70, **kw)
     a.mark_ready(1, 11)
     a.mark_ready(64, 640)

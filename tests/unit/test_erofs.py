@@ -17,10 +17,11 @@ import time
 
 import pytest
 
+from rafs.blob import ChunkEntry
 from rafs.errors import FormatError
 from rafs.erofs import layout as L
 from rafs.erofs.reader import ErofsImage
-from rafs.erofs.writer import write_erofs
+from rafs.erofs.writer import build_erofs, write_erofs
 from rafs.kmount import erofs_file_backed_supported, erofs_mounted, mount_erofs, umount
 from rafs.tree import ChunkRef, Inode, new_dir, walk
 
@@ -33,12 +34,17 @@ U = 0xFFFFFFFF      # ACL_UNDEFINED_ID
 
 class Blobs:
     """Fake blob uncompressed views: each new chunk goes round-robin to a blob at a
-    4 KiB-aligned offset; identical chunks are stored once; all-zero chunks are holes."""
+    4 KiB-aligned offset; identical chunks are stored once; all-zero chunks are holes
+    unless holes=False. Each stored chunk also gets a ci entry (`entries`, stored plain),
+    its ci index counting from `ci_base[blob]`."""
 
-    def __init__(self, count: int, chunk_size: int):
+    def __init__(self, count: int, chunk_size: int, *, holes: bool = True, ci_base=None):
         self.chunk_size = chunk_size
+        self.holes = holes
         self.views = [bytearray() for _ in range(count)]
-        self.where: dict[bytes, tuple[int, int]] = {}
+        self.entries: list[list[ChunkEntry]] = [[] for _ in range(count)]
+        self.ci_base = list(ci_base or [0] * count)
+        self.where: dict[bytes, tuple[int, int, int]] = {}
         self.turn = 0
         self.content: dict[int, bytes] = {}     # id(Inode) -> file bytes
 
@@ -46,18 +52,21 @@ class Blobs:
         cs, chunks = self.chunk_size, []
         for i in range(0, len(data), cs):
             piece = data[i:i + cs]
-            if piece.count(0) == len(piece):
+            if self.holes and piece.count(0) == len(piece):
                 chunks.append(None)
                 continue
             digest = hashlib.sha256(piece).digest()
             if digest not in self.where:
                 bi = self.turn % len(self.views)
                 self.turn += 1
-                view = self.views[bi]
-                self.where[digest] = (bi, len(view))
+                view, entries = self.views[bi], self.entries[bi]
+                ci = self.ci_base[bi] + len(entries)
+                coff = entries[-1].compressed_offset + entries[-1].compressed_size if entries else 0
+                entries.append(ChunkEntry(len(view), len(piece), coff, len(piece), digest, 0, ci))
+                self.where[digest] = (bi, len(view), ci)
                 view += piece + bytes(-len(piece) % 4096)
-            bi, off = self.where[digest]
-            chunks.append(ChunkRef(digest, len(piece), bi, off))
+            bi, off, ci = self.where[digest]
+            chunks.append(ChunkRef(digest, len(piece), bi, off, ci))
         node = Inode(stat.S_IFREG | mode, size=len(data), chunks=chunks, **attrs)
         self.content[id(node)] = data
         return node
@@ -301,6 +310,57 @@ def test_layout_facts(built):
     assert image == build(awkward_tree(Blobs(2, blobs.chunk_size)), blobs), "output must be deterministic"
 
 
+def test_plain_images_leave_the_ci_index_out(built):
+    root, blobs, image, _, _ = built
+    img = ErofsImage(image)
+    for path, node in walk(root):
+        if node.is_reg() and node.size:
+            assert {(hi, lo >> 8) for hi, lo, _ in img.raw_chunk_indexes(img.resolve(path))} <= {(0, 0)}, path
+
+
+def test_rafs_mode_layout():
+    """build_erofs(rafs=True): the EROFS part of a RAFS v6 bootstrap, as nydus-image lays it out."""
+    blobs = Blobs(2, 4096, holes=False, ci_base=[0, 0x1FFF0])
+    root = awkward_tree(blobs)
+    build = build_erofs(root, chunk_size=4096, devices=blobs.devices(), rafs=True, meta_offset=3 * 4096 + 5)
+    image = bytes(build.image)
+    img = ErofsImage(image)
+    sb = img.sb
+    assert (sb.feature_compat, sb.feature_incompat, sb.devt_slotoff) == (L.FEATURE_COMPAT_RAFS_V6, 0xC, 11)
+    assert sb.blocks == sum(len(v) // 4096 for v in blobs.views) and sb.uuid == bytes(16)
+    assert sb.meta_blkaddr == 4 and sb.root_nid == 1 and img.rafs
+    assert img.image_size == len(image) != sb.blocks * 4096      # bounded by the buffer, not s_blocks
+    assert img.devices == blobs.devices() and not any(image[1152:1408])   # room for the extended superblock
+    assert not any(image[1408 + 2 * 128:3 * 4096 + 5])           # the caller's tables go here
+    check_reader(img, root, blobs)
+    high = 0
+    for path, node in walk(root):
+        nid = img.resolve(path)
+        assert build.nid(node) == nid
+        if node.is_reg():
+            raw = img.raw_chunk_indexes(nid)
+            assert [(lo | (dev >> 8) << 16, (dev & 0xFF) - 1, blk * 4096) for lo, dev, blk in raw] == \
+                [(c.ci_index, c.blob_index, c.offset) for c in node.chunks], path
+            high += sum(c.ci_index >= 1 << 16 for c in node.chunks)
+    assert high
+    assert sorted(nid for _, nid in build.inodes()) == sorted({nid for _, nid in img.walk()})
+
+
+@pytest.mark.parametrize("chunks, match", [
+    ([None], "hole"),
+    ([ChunkRef(b"", 10, 0, 0)], "ci index -1"),
+    ([ChunkRef(b"", 10, 0, 0, 1 << 24)], "ci index 16777216"),
+])
+def test_rafs_mode_rejects_what_nydusd_cannot_use(chunks, match):
+    root = new_dir()
+    root.entries[b"f"] = Inode(stat.S_IFREG | 0o644, size=10, chunks=chunks)
+    with pytest.raises(FormatError, match=match):
+        build_erofs(root, chunk_size=4096, devices=[(b"t", 16)], rafs=True)
+    build_erofs(root, chunk_size=4096, devices=[(b"t", 16)], rafs=False)    # a plain image takes them
+    with pytest.raises(FormatError, match="at most 254"):
+        build_erofs(new_dir(), chunk_size=4096, devices=[(b"t", 1)] * 255, rafs=True)
+
+
 # --- tests: erofs-utils 1.5 --------------------------------------------------------
 
 
@@ -434,7 +494,7 @@ def test_kernel_mount(built, mounts):
 
 
 def test_kernel_mount_with_trailing_data(built, mounts, tmp_path):
-    """The bootstrap appends the RAFS extension after the EROFS blocks: the kernel ignores it."""
+    """Bytes after the EROFS blocks (a RAFS bootstrap's chunk table) are ignored by the kernel."""
     _, blobs, image, _, devs = built
     p = tmp_path / "with-tail"
     p.write_bytes(image + b"trailing extension bytes" * 100)

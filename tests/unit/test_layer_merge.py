@@ -1,6 +1,7 @@
 """converter.layer + converter.merge: OCI apply semantics on small hand-made layers."""
 from __future__ import annotations
 
+import hashlib
 import stat
 
 import pytest
@@ -89,22 +90,29 @@ def test_unsafe_paths_are_rejected_with_the_entry_named(tmp_path, name):
         _read(tmp_path, [Entry.file(name, b"x")])
 
 
-def test_zero_chunks_are_holes_and_repeats_are_given_to_the_sink_once(tmp_path):
+def test_zero_chunks_are_ordinary_chunks_and_repeats_are_given_to_the_sink_once(tmp_path):
+    """RAFS v6 has no holes: a zero chunk is a chunk like any other, stored once."""
     class Sink:
         def __init__(self):
             self.chunks = []
 
         def add(self, data, digest):
-            self.chunks.append(digest)
+            self.chunks.append((digest, bytes(data)))
 
     sink = Sink()
     block = b"A" * CHUNK
-    tree = _read(tmp_path, [Entry.file("z", zeros(3 * CHUNK)),
+    tree = _read(tmp_path, [Entry.file("z", zeros(3 * CHUNK + 100)),
                             Entry.file("r", data(block * 3 + b"tail"))], sink=sink)
-    assert tree.root.entries[b"z"].chunks == [None, None, None]
+    z = tree.root.entries[b"z"].chunks
+    zero = hashlib.sha256(bytes(CHUNK)).digest()
+    assert None not in z and [c.digest for c in z] == [zero] * 3 + [hashlib.sha256(bytes(100)).digest()]
+    assert [c.size for c in z] == [CHUNK] * 3 + [100]
     r = tree.root.entries[b"r"]
     assert [c.size for c in r.chunks] == [CHUNK, CHUNK, CHUNK, 4]
-    assert len(sink.chunks) == 2                    # "AAAA…" once, the tail once
+    # the zero chunk once, the 100-byte zero tail once, "AAAA…" once, the tail once
+    assert [d for d, _ in sink.chunks] == [zero, hashlib.sha256(bytes(100)).digest(),
+                                          hashlib.sha256(block).digest(), hashlib.sha256(b"tail").digest()]
+    assert sink.chunks[0][1] == bytes(CHUNK)
 
 
 def test_pax_times_xattrs_and_empty_xattr(tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from p2p.node import META
 from p2p.protocol import FRAME_SIZE
 from p2p.service import P2PConfig, P2PService
 from p2p.tracker import TrackerServer
@@ -36,7 +35,7 @@ class Node:
         return self.svc.address
 
     def read_all(self, blob) -> bytes:
-        cache = self.mgr.open(blob.summary)
+        cache = self.mgr.open(blob.info)
         return cache.read(0, len(blob.view))
 
     def origin_bytes(self) -> int:
@@ -88,7 +87,7 @@ def test_four_nodes_at_once_fetch_each_byte_from_the_origin_once(cluster, tracke
     got = in_parallel([lambda n=n: n.read_all(blob) for n in nodes])
     assert all(g == blob.view for g in got)
     total = sum(n.origin_bytes() for n in nodes)
-    assert total == len(blob.data), (total, len(blob.data))
+    assert total == blob.data_end, (total, blob.data_end)     # chunk data only, each byte once
     st = nodes[1].mgr.stats()
     per = st["metrics"]["sources"]["p2p"]["blobs"][blob.blob_id]
     assert per["peer"] + per["registry"] + per["mirror"] + per.get("origin", 0) > 0
@@ -104,9 +103,9 @@ def test_one_after_another_later_nodes_never_touch_the_origin(cluster, tracker, 
     for name in "bcd":
         n = cluster(name, tracker=tracker.address)
         assert n.read_all(blob) == blob.view
-        assert n.origin_bytes() == 0          # the TOC too came from peers
+        assert n.origin_bytes() == 0          # nothing is read from the blob but chunks
         per = n.mgr.backend.blob_stats()[blob.blob_id]
-        assert per["peer"] >= len(blob.data)
+        assert per["peer"] >= blob.data_end
 
 
 def test_static_peer_list_without_tracker(cluster, origin_dir):
@@ -145,7 +144,8 @@ def test_corrupt_peer_is_penalized_and_readers_get_correct_bytes(cluster, tracke
     peers = good.mgr.backend.client.stats()
     assert peers[bad.addr]["penalized"], peers
     assert "failed verification" in peers[bad.addr]["penalty_reason"]
-    assert good.origin_bytes() >= len(blob.data) - (64 << 10)   # the origin served it instead
+    per = good.mgr.backend.blob_stats()[blob.blob_id]     # the origin served the bad units
+    assert good.origin_bytes() > 0 and per["peer"] + per["origin"] >= blob.data_end
     assert good.mgr.stats()["metrics"]["verify_failures"] == 0   # nothing bad reached the cache
     # the corrupt bytes were never stored: a third node gets everything right from "good"
     third = cluster("third", tracker=tracker.address)
@@ -173,7 +173,7 @@ def test_tracker_down_means_registry_and_no_error(cluster, origin_dir):
     t0 = time.monotonic()
     assert n.read_all(blob) == blob.view
     assert time.monotonic() - t0 < 5
-    assert n.origin_bytes() == len(blob.data)
+    assert n.origin_bytes() == blob.data_end
     assert n.mgr.backend.discovery.stats()["errors"] >= 1
 
 
@@ -203,8 +203,8 @@ def test_serves_only_shared_blobs_and_held_ranges(cluster, tracker, origin_dir):
     _put(origin_dir, blob)
     _put(origin_dir, other)
     a = cluster("a", tracker=tracker.address)
-    cache = a.mgr.open(blob.summary)
-    cache.read(0, 4096)                       # chunk 0 only (and the TOC)
+    cache = a.mgr.open(blob.info)
+    cache.read(0, 4096)                       # chunk 0 (and what the cache reads ahead)
     base = f"http://{a.addr}/v1/blobs"
     s = requests.Session()
     s.trust_env = False
@@ -221,6 +221,8 @@ def test_serves_only_shared_blobs_and_held_ranges(cluster, tracker, origin_dir):
     assert r.status_code == 404                # never opened here: not shared
     r = s.get(f"{base}/{blob.blob_id}", params={"offset": 0, "size": len(blob.data) + 1})
     assert r.status_code == 400
+    r = s.get(f"{base}/{blob.blob_id}", params={"offset": blob.data_end, "size": 512})
+    assert r.status_code == 404                # the blob's metadata: never served by peers
     r = s.get(f"{base}/{blob.blob_id}/ranges")
     assert r.status_code == 200 and r.json()["held"] == held.to_json()
     s.close()
@@ -258,8 +260,9 @@ def test_payload_store_survives_a_restart_and_is_rechecked(tmp_path, origin_dir,
         f.write(b"\x00\xff\x00")
     a = Node(tmp_path, origin_dir, "a", tracker=tracker.address)
     try:
-        st = a.svc.node.expect(blob.summary)
-        assert st.toc is not None and st.present(META)      # the TOC came back from the store
+        st = a.svc.node.expect(blob.info)
+        assert st.unit_count() == len(blob.entries)
+        assert all(st.present(u) for u in range(len(blob.entries)))   # candidates, unchecked
         assert st.read_unit(2) is not None
         assert st.read_unit(3) is None and not st.present(3)
     finally:
@@ -291,7 +294,7 @@ def test_holders_add_read_ahead_and_serve_held_prefixes(tmp_path, origin_dir, tr
         assert a.read_all(blob) == blob.view
         deadline = time.monotonic() + 5                # a's last update reached the tracker
         while time.monotonic() < deadline and [p["held"] for p in tracker.state.peers(
-                blob.blob_id)] != [[[0, len(blob.data)]]]:
+                blob.blob_id)] != [[[0, blob.data_end]]]:
             time.sleep(0.02)
         # the held-prefix form of GET: ask for more than is held, get what is held (>= min)
         st_a = a.svc.node.get(blob.blob_id)
@@ -303,12 +306,12 @@ def test_holders_add_read_ahead_and_serve_held_prefixes(tmp_path, origin_dir, tr
                                "min": e[0].compressed_size})
         assert r.status_code == 200 and r.content[FRAME_SIZE:] == blob.data[:e[3].compressed_end]
         s.close()
-        assert st_a.held_prefix(0, len(blob.data)) == len(blob.data)
+        assert st_a.held_prefix(0, len(blob.data)) == blob.data_end
         # b reads one chunk without the cache's own readahead: a adds the next chunks
         b.mgr.close()
         b.mgr = b.svc.cache_manager(b.origin, CacheConfig(dir=str(tmp_path / "b" / "cache"),
                                                           readahead=False))
-        cache = b.mgr.open(blob.summary)
+        cache = b.mgr.open(blob.info)
         assert cache.read(e[10].uncompressed_offset, 4096) == \
             blob.view[e[10].uncompressed_offset:e[10].uncompressed_offset + 4096]
         st_b = b.svc.node.get(blob.blob_id)
@@ -326,7 +329,7 @@ def test_a_hung_local_fetch_does_not_block_other_readers(cluster, tracker, origi
     blob = make_blob(24, chunks=10)
     _put(origin_dir, blob)
     n = cluster("n", tracker=tracker.address)
-    n.mgr.open(blob.summary)                          # the TOC is known now
+    n.mgr.open(blob.info)                          # the units are known now
     st = n.svc.node.get(blob.blob_id)
     hung, _ = st.begin([3])                           # "another thread" never finishes chunk 3
     backend = n.mgr.backend
@@ -354,11 +357,71 @@ def test_a_restarted_tracker_refills_itself_from_announcements(cluster, origin_d
         while time.monotonic() < deadline and not second.state.peers(blob.blob_id):
             time.sleep(0.05)
         (peer,) = second.state.peers(blob.blob_id)
-        assert peer["addr"] == a.addr and peer["held"] == [[0, len(blob.data)]]
+        assert peer["addr"] == a.addr and peer["held"] == [[0, blob.data_end]]
         b = cluster("b", tracker=f"127.0.0.1:{port}")
         assert b.read_all(blob) == blob.view and b.origin_bytes() == 0
     finally:
         second.close()
+
+
+# --------------------------------------------------------------------------- chunk subsets
+
+def _read_info(node: Node, info, view: bytes) -> None:
+    assert node.mgr.open(info).read(0, len(view)) == view
+
+
+def test_units_are_the_chunk_tables_chunks_and_gaps_are_never_served(cluster, tracker, origin_dir):
+    """A holds a chunk-dict style subset (gaps between its chunks); B uses the whole blob: B
+    gets A's chunks from A, the others from the origin, and no peer serves bytes of no unit."""
+    blob = make_blob(26, chunks=30)
+    _put(origin_dir, blob)
+    keep = [i for i in range(30) if i % 3 != 1]
+    a = cluster("a", tracker=tracker.address)
+    _read_info(a, blob.subset(keep), blob.view_of(keep))
+    st = a.svc.node.get(blob.blob_id)
+    assert st.unit_count() == len(keep)
+    assert st.held() == st.ranges_of(e.index for e in blob.subset(keep).entries)
+    gap = blob.entries[1]
+    assert st.read_range(gap.compressed_offset, gap.compressed_end) is None
+    assert st.read_range(0, blob.entries[2].compressed_end) is None      # spans a gap
+    b = cluster("b", tracker=tracker.address)
+    _read_info(b, blob.info, blob.view)
+    others = sum(blob.entries[i].compressed_size for i in range(30) if i not in keep)
+    assert b.origin_bytes() == others
+    assert b.mgr.backend.blob_stats()[blob.blob_id]["peer"] == \
+        sum(blob.entries[i].compressed_size for i in keep)
+
+
+def test_a_gapped_subset_reads_from_peers_without_fetching_the_gaps(cluster, tracker, origin_dir):
+    blob = make_blob(27, chunks=30)
+    _put(origin_dir, blob)
+    a = cluster("a", tracker=tracker.address)
+    _read_info(a, blob.info, blob.view)
+    keep = [i for i in range(30) if i % 2 == 0]       # one-chunk gaps: merged cache requests
+    b = cluster("b", tracker=tracker.address)
+    _read_info(b, blob.subset(keep), blob.view_of(keep))
+    assert b.origin_bytes() == 0
+    assert b.mgr.backend.blob_stats()[blob.blob_id]["peer"] == \
+        sum(blob.entries[i].compressed_size for i in keep)      # gap bytes were not fetched
+    assert b.mgr.stats()["metrics"]["verify_failures"] == 0
+
+
+def test_a_node_shares_the_union_of_its_bootstraps_chunks(tmp_path, origin_dir):
+    import dataclasses
+    blob = make_blob(28, chunks=12)
+    _put(origin_dir, blob)
+    with P2PService(P2PConfig(), tmp_path / "p2p") as svc:
+        st = svc.node.expect(blob.subset(range(0, 12, 2)))
+        assert st.unit_count() == 6
+        assert svc.node.expect(blob.subset(range(0, 12, 3))) is st
+        assert st.unit_count() == len(set(range(0, 12, 2)) | set(range(0, 12, 3)))
+        liar = dataclasses.replace(blob.entries[1], digest=bytes(32))   # contradicts no one yet
+        st.add(dataclasses.replace(blob.info, entries=[liar]))
+        e5 = dataclasses.replace(blob.entries[5], index=3)              # ci index 3 is known
+        assert st.add(dataclasses.replace(blob.info, entries=[e5])) == 0
+        assert st.extent(3) == (blob.entries[3].compressed_offset, blob.entries[3].compressed_end)
+        with pytest.raises(Exception):
+            st.verify(1, blob.data[blob.entries[1].compressed_offset:blob.entries[1].compressed_end])
 
 
 def test_wildcard_listen_needs_an_advertised_host(tmp_path):

@@ -30,7 +30,7 @@ def warm(tmp_path):
     (origin / blob.blob_id).write_bytes(blob.data)
     svc = P2PService(P2PConfig(listen="127.0.0.1:0"), tmp_path / "p2p")
     mgr = svc.cache_manager(LocalFsBackend(origin), CacheConfig(dir=str(tmp_path / "cache")))
-    assert mgr.open(blob.summary).read(0, len(blob.view)) == blob.view
+    assert mgr.open(blob.info).read(0, len(blob.view)) == blob.view
     yield svc, blob
     mgr.close()
     svc.close()

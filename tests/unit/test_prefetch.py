@@ -17,6 +17,8 @@ from converter.check import check
 from converter.convert import ConvertOptions, convert
 from converter.nydus_image import open_nydus_image
 from converter.prefetch import Pattern, expand_prefetch, parse_pattern, prefetch_digests, read_patterns
+from rafs import blob as rblob
+from rafs import digest as rdigest
 from rafs.bootstrap import PrefetchEntry
 from rafs.fs import RafsFs
 from rafs.storage.backend import LocalFsBackend
@@ -146,21 +148,25 @@ def converted(tmp_path_factory):
 
 
 def _blobs(ref: str):
-    """[(blob id, [TOC digest in blob order])], the bootstrap."""
+    """[(blob id, [chunk digest in blob order])] as each blob lists its chunks (ci array and
+    blob.digest), the bootstrap."""
     with open_nydus_image(ref) as img:
         boot = img.bootstrap
-        return [(b.blob_id, [e.digest for e in img.blob_reader(i).toc]) for i, b in enumerate(boot.meta.blobs)], boot
+        out = []
+        for i, b in enumerate(boot.meta.blobs):
+            own = rblob.read_blob_meta(*img.blob_source(i), b).entries
+            out.append((b.blob_id, [e.digest for e in sorted(own, key=lambda e: e.compressed_offset)]))
+        return out, boot
 
 
 def test_prefetched_chunks_lead_each_blob_in_list_order(converted):
     src, refs, files, _ = converted
     blobs, boot = _blobs(refs["pf"])
     a, b, c = files["usr/a"], files["usr/b"], files["usr/c"]
-    dig = lambda data, k: hashlib.sha256(data[k * CHUNK:(k + 1) * CHUNK]).digest()  # noqa: E731
+    dig = lambda data, k: rdigest.digest("blake3", data[k * CHUNK:(k + 1) * CHUNK])  # noqa: E731
     # list order: c's chunks 0 and 1 (c's chunk 4 = a's chunk 2 lives in blob 0), b's 4 and 5, a's 2, old's 0..2
     head0 = [dig(b, 4), dig(b, 5), dig(a, 2)]
-    head1 = [dig(c, 0), dig(c, 1)] + [hashlib.sha256(im.random(3 * CHUNK, seed=4).read()[k * CHUNK:(k + 1) * CHUNK])
-                                      .digest() for k in range(3)]
+    head1 = [dig(c, 0), dig(c, 1)] + [dig(im.random(3 * CHUNK, seed=4).read(), k) for k in range(3)]
     assert blobs[0][1][:3] == head0 and blobs[1][1][:5] == head1
     assert boot.meta.prefetch == [PrefetchEntry(b"/usr/c", ((4096, 4), (65536, 10))),
                                   PrefetchEntry(b"/usr/b", ((4 * CHUNK, CHUNK + 7),)),
@@ -216,7 +222,8 @@ def test_fs_prefetches_only_the_ranged_chunks(converted, tmp_path):
         assert ranges[1] == [(4 * KiB, 4), (CHUNK, 10), (2 * CHUNK, 3 * CHUNK)]
         for f in fs.prefetch(boot.meta.prefetch):
             f.result(timeout=20)
-        ready = {i: [k for k in range(len(fs.blob_cache(i).toc)) if fs.blob_cache(i).chunk_ready(k)] for i in (0, 1)}
+        ready = {i: [k for k in range(len(fs.blob_cache(i).entries)) if fs.blob_cache(i).chunk_ready(k)]
+                 for i in (0, 1)}
         assert ready == {0: [0, 1, 2], 1: [0, 1, 2, 3, 4]}     # the heads, nothing else
         # bad entries in an accepted bootstrap never fail the prefetch
         odd = [PrefetchEntry(b"/usr", ((0, 1),)), PrefetchEntry(b"/nope", ((0, 1),)),
@@ -241,11 +248,11 @@ def test_blob_readahead_stops_at_the_prefetched_head(converted, tmp_path, monkey
         for f in fs.prefetch(boot.meta.prefetch):
             f.result(timeout=20)
         cache = fs.blob_cache(1)
-        head = cache.toc[4].uncompressed_offset + cache.toc[4].uncompressed_size
+        head = cache.entries[4].uncompressed_offset + cache.entries[4].uncompressed_size
         for off in range(0, head, 16 * KiB):
             fs.read_blob(1, off, 16 * KiB)
         time.sleep(0.3)                                   # a background read-ahead would land by now
-        assert [k for k in range(len(cache.toc)) if cache.chunk_ready(k)] == [0, 1, 2, 3, 4]
+        assert [k for k in range(len(cache.entries)) if cache.chunk_ready(k)] == [0, 1, 2, 3, 4]
         fs.read_blob(1, head, 16 * KiB)                   # past the head: read on demand as usual
         assert cache.chunk_ready(5)
     finally:

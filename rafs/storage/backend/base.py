@@ -7,11 +7,15 @@ sha256 of the whole blob, i.e. its OCI digest without "sha256:"; the
 * `read_range(blob_id, offset, size)`: exactly `size` bytes from `offset`
   of the *compressed* blob as stored, or `BackendError`. Never fewer bytes,
   never a partial answer; a range past the end is an error.
+* `read_sparse(blob_id, offset, size, wanted)`: the same, except that only
+  the bytes inside `wanted` (the chunks a merged request is for) must be the
+  blob's; the rest may be anything. The default is `read_range`; the P2P
+  backend fills the rest with zeros instead of fetching bytes nobody reads.
 * `blob_size(blob_id)`: the blob's size in bytes (`BlobNotFound` if absent).
 
 Backends do not verify anything: a range has no digest of its own. The blob
-cache checks every chunk against its TOC digest before serving it, so a
-backend (a mirror, a peer) may be untrusted.
+cache checks every chunk against its digest in the bootstrap's chunk table
+before serving it, so a backend (a mirror, a peer) may be untrusted.
 
 Implementations subclass `BlobBackend` and provide `_read_range` and
 `_blob_size`; the public methods are provided on top: argument checks,
@@ -139,6 +143,13 @@ class BlobBackend(ABC):
             raise
         self.counters.ok(size)
         return data
+
+    def read_sparse(self, blob_id: str, offset: int, size: int,
+                    wanted: list[tuple[int, int]]) -> bytes:
+        """`size` bytes at `offset` of which only those inside `wanted` ((start, end) blob
+        ranges, sorted, disjoint, inside the range) must be the blob's; the others may be
+        anything (callers never look at them). Default: `read_range`."""
+        return self.read_range(blob_id, offset, size)
 
     def blob_size(self, blob_id: str) -> int:
         """Size in bytes of the stored blob; BlobNotFound if the backend does not have it."""

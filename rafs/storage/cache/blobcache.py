@@ -2,21 +2,26 @@
 
 `BlobCache.read(offset, size)` serves any range of a blob's uncompressed view
 (the FUSE daemon's file reads and the erofs mode's device-file reads both end
-here). It maps the range to TOC entries, serves ready chunks from the cache
-file, and fetches the missing ones from the backend.
+here). It maps the range to chunks, serves ready chunks from the cache file,
+and fetches the missing ones from the backend.
+
+Where the chunks are comes from the bootstrap, never from the blob: `info`
+is the bootstrap's blob-table entry (`rafs.bootstrap.BlobInfo`) and
+`info.entries` the chunks its chunk table records for the blob (trusted: the
+manifest digest covers the bootstrap). Opening a cache reads nothing from the
+backend. The entries may be a subset of the blob's chunks (a chunk-dict blob
+that other images use too) and need not be back to back in the blob file;
+view bytes outside every entry read as zeros.
 
 Files in `cache_dir`, per blob (`<id>` = hex sha256 of the blob):
 
 * `<id>.blob`: a sparse file of the uncompressed view (size = view size);
   chunk k's plain bytes are pwritten at its view offset, never-fetched chunks
   and the alignment padding between chunks are holes (read as zeros).
-* `<id>.chunkmap`: which chunks of `<id>.blob` are ready, with the xxh64 of
-  each (`state.ChunkMap`), replaced atomically after the data file was
-  fdatasync'd; flushed every `flush_interval` seconds or `flush_chunks`
+* `<id>.chunkmap`: which chunks of `<id>.blob` are ready, by ci index, with
+  an xxh64 of each (`state.ChunkMap`), replaced atomically after the data file
+  was fdatasync'd; flushed every `flush_interval` seconds or `flush_chunks`
   chunks while fetching, and on close.
-* `<id>.toc`: the blob's TOC + footer as fetched (TOC bytes then the 128-byte
-  footer), so a warm re-open needs no request at all. Re-verified against the
-  trusted TOC digest at every open; a bad one is fetched again.
 * `<id>.lock`: an empty file whose exclusive flock serializes, between
   processes, the short steps that must not interleave (opening, and the
   read-merge-replace of `<id>.chunkmap`).
@@ -43,14 +48,18 @@ Sharing a cache directory between processes (two mounts of one image):
 
 Trust and faults:
 
-* Every fetched chunk is decompressed and checked against its TOC digest
-  (the TOC itself against the bootstrap's `toc_digest`) *before* it is served
-  or written. A mismatch raises `IntegrityError` and logs one line naming the
+* Every fetched chunk is decompressed and checked against its digest in the
+  bootstrap's chunk table (`rafs.blob.decode_chunk`, with the blob's
+  compressor and digester) *before* it is served or written. Only bytes inside
+  an entry are ever decoded: bytes a merged request carries between entries
+  are dropped. A mismatch raises `IntegrityError` and logs one line naming the
   blob and chunk; the chunk is not written and not marked ready. If the
   backend can re-read from an authoritative source (`read_from_origin`: a
   mirror or peer served the bytes) that is tried once first.
 * After a restart, chunks the chunkmap vouches for are re-checked with xxh64
-  on their first read and fetched again if the data file changed. An
+  (seeded with the chunk digest) on their first read and fetched again if the
+  data file changed, or if the bytes were verified against another digest (a
+  process mounting another bootstrap of the blob). An
   unusable chunkmap (torn, corrupt, another blob) means an empty cache and a
   warning, never an error and never wrong bytes.
 * Backend failures surface as `BackendError` once the backend's own retries
@@ -59,7 +68,10 @@ Trust and faults:
 Fetching:
 
 * Missing chunks adjacent in the blob are fetched with one range request of
-  at most `merge_size` compressed bytes. A read that misses extends its last
+  at most `merge_size` bytes; entries separated by a gap of at most
+  `MAX_MERGE_GAP` bytes (chunks of the blob this bootstrap does not use) are
+  still merged, the gap bytes fetched and discarded (`read_sparse` lets a
+  backend skip them). A read that misses extends its last
   request over the following missing chunks (neighbours in the blob are
   usually read next): up to `merge_size` with `readahead`, else up to
   `amplify` bytes: a number, or "auto" for the backend's measured
@@ -92,17 +104,14 @@ from concurrent.futures import wait as wait_futures
 from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
-import xxhash
-
-from rafs.blob import FOOTER_SIZE, ChunkEntry, Footer, parse_toc, read_footer
-from rafs.compress import decompress
-from rafs.digest import digest as digest_of
-from rafs.errors import BackendError, FormatError, IntegrityError, RafsError
+from rafs.blob import ChunkEntry, decode_chunk
+from rafs.errors import BackendError, IntegrityError, RafsError
 
 from ..backend.base import BlobBackend, normalize_blob_id
+from ..chunks import blob_chunks, joinable
 from ..metrics import StorageMetrics
 from .amplify import FetchCostModel
-from .state import ChunkMap, write_atomic
+from .state import ChunkMap, chunk_xxh64, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +121,6 @@ MERGE_SIZE_MAX = 64 << 20
 DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_FLUSH_INTERVAL = 1.0       # seconds between chunkmap flushes while chunks arrive
 DEFAULT_FLUSH_CHUNKS = 64          # ... or after this many newly ready chunks
-_TAIL_HINT = 64 << 10              # first TOC read: footer + up to 64 KiB of TOC
 
 # per-chunk state in memory
 MISSING = 0                        # not in the data file (or not trusted)
@@ -199,10 +207,12 @@ class _PrefetchJob:
 class BlobCache:
     """Lazily fetched, verified, persistent uncompressed view of one blob (see the module docstring).
 
-    `info` is the bootstrap's record of the blob (`rafs.bootstrap.BlobInfo`, or
-    anything with `blob_id`, `compressed_size`, `toc_digest` and optionally
-    `uncompressed_size`, `chunk_count`, `toc_offset`, `toc_size`, `compressor`,
-    `digester`, which are checked against the blob's footer).
+    `info` is the bootstrap's record of the blob (`rafs.bootstrap.BlobInfo`:
+    `blob_id`, `compressed_size`, `uncompressed_size`, `chunk_count`,
+    `compressor`, `digester` and `entries`, checked by `chunks.blob_chunks`).
+    `entries` (sorted by view offset) are the chunks this cache serves; chunk
+    positions in it (`chunk_ready(k)`, `entries[k]`) are this cache's chunk
+    numbers, the chunkmap numbers chunks by ci index (`entry.index`).
     """
 
     def __init__(self, cache_dir: str | os.PathLike, info, backend: BlobBackend, *,
@@ -236,7 +246,6 @@ class BlobCache:
         os.makedirs(self.dir, exist_ok=True)
         self.data_path = os.path.join(self.dir, self.blob_id + ".blob")
         self.map_path = os.path.join(self.dir, self.blob_id + ".chunkmap")
-        self.toc_path = os.path.join(self.dir, self.blob_id + ".toc")
         self.lock_path = os.path.join(self.dir, self.blob_id + ".lock")
 
         self._lock = threading.Lock()
@@ -255,20 +264,29 @@ class BlobCache:
         self._background_jobs: deque[_PrefetchJob] = deque()
         self._prefetcher: threading.Thread | None = None
         self._write_failed = False
-        self._cleared: dict[int, int] = {}   # chunk -> xxh64 its bytes on disk failed (not ready)
+        self._cleared: dict[int, int] = {}   # ci index -> xxh64 its bytes on disk failed (not ready)
         self._map_seen: tuple | None = None  # identity of the chunkmap file last read / written
+
+        chunks = blob_chunks(info, self.name)   # FormatError if the bootstrap's record is bad
+        self.entries: list[ChunkEntry] = chunks.entries
+        self.compressor = chunks.compressor
+        self.digester = chunks.digester
+        self.chunk_count = chunks.chunk_count     # of the blob: the chunkmap's size
+        self.view_size = chunks.view_size
+        self._offsets = [e.uncompressed_offset for e in self.entries]
+        self._pos = {e.index: k for k, e in enumerate(self.entries)}   # ci index -> position
+        self.total_bytes = sum(e.uncompressed_size for e in self.entries)
+        self._partial = len(self.entries) < self.chunk_count   # a subset: mask the others' bytes
+        self._ready_count = 0                     # entries of this cache ready (chunkmap says so)
+        self._ready_bytes = 0
 
         self._fd = self._lock_fd = -1
         self._key = self._claim()             # first: one BlobCache per blob in this process
         try:
-            self.footer, self.toc = self._load_toc()
-            self._offsets = [e.uncompressed_offset for e in self.toc]
-            self.view_size = self.footer.uncompressed_size
-            self.total_bytes = sum(e.uncompressed_size for e in self.toc)
             self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             with self._xlock():
                 self._fd, sole = self._open_data_file()
-                self._map, self._state, self._ready_bytes = self._load_state(sole)
+                self._map, self._state = self._load_state(sole)
                 if sole:                       # keep only a shared lock: others may join now
                     self._flock_shared(self._fd)
         except BaseException:
@@ -276,55 +294,15 @@ class BlobCache:
             raise
 
     # ------------------------------------------------------------------ opening
-    def _load_toc(self) -> tuple[Footer, list[ChunkEntry]]:
-        blob_size = self.info.compressed_size
-        try:
-            with open(self.toc_path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            data = None
-        except OSError as e:
-            log.warning("%s: cannot read cached TOC %s (%s); fetching it again", self.name,
-                        self.toc_path, e)
-            data = None
-        if data is not None:
-            try:
-                footer = read_footer(data, blob_size)
-                toc = parse_toc(data[:-FOOTER_SIZE], footer, trusted_digest=self.info.toc_digest)
-                self._check_info(footer)
-                return footer, toc
-            except (FormatError, IntegrityError) as e:
-                log.warning("%s: cached TOC %s is unusable (%s); fetching it again", self.name,
-                            self.toc_path, e)
-        try:
-            tail_len = min(blob_size, FOOTER_SIZE + _TAIL_HINT)
-            tail = self.backend.read_range(self.blob_id, blob_size - tail_len, tail_len)
-            self.metrics.toc_fetch(len(tail))
-            footer = read_footer(tail, blob_size)
-            if footer.toc_size + FOOTER_SIZE <= tail_len:
-                toc_bytes = tail[tail_len - FOOTER_SIZE - footer.toc_size:tail_len - FOOTER_SIZE]
-            else:
-                toc_bytes = self.backend.read_range(self.blob_id, footer.toc_offset,
-                                                    footer.toc_size)
-                self.metrics.toc_fetch(len(toc_bytes))
-            toc = parse_toc(toc_bytes, footer, trusted_digest=self.info.toc_digest)
-        except (FormatError, IntegrityError) as e:
-            raise type(e)(f"{self.name}: {e}") from None
-        self._check_info(footer)
-        write_atomic(self.toc_path, bytes(toc_bytes) + tail[-FOOTER_SIZE:])
-        return footer, toc
-
-    def _check_info(self, footer: Footer) -> None:
-        """The bootstrap's blob record must agree with the (TOC-digest-checked) footer."""
-        checks = {"uncompressed_size": footer.uncompressed_size, "chunk_count": footer.chunk_count,
-                  "toc_offset": footer.toc_offset, "toc_size": footer.toc_size,
-                  "compressor": footer.compressor, "digester": footer.digester}
-        for field, actual in checks.items():
-            want = getattr(self.info, field, None)
-            if want is not None and want != actual:
-                raise FormatError(f"{self.name}: the bootstrap says {field} is {want!r} but the "
-                                  f"blob's footer says {actual!r}: the bootstrap does not match "
-                                  "this blob")
+    def covers(self, info) -> bool:
+        """True if this cache serves every chunk of `info` (another record of the same blob)."""
+        if info is self.info or getattr(info, "entries", None) is getattr(self.info, "entries", None):
+            return True
+        for e in info.entries:
+            k = self._pos.get(e.index)
+            if k is None or self.entries[k] != e:
+                return False
+        return True
 
     def _claim(self) -> tuple:
         """Register this BlobCache as the one of its blob in this process (CacheInUse if taken)."""
@@ -384,8 +362,7 @@ class BlobCache:
             raise
 
     def _map_kw(self) -> dict:
-        return dict(chunk_count=len(self.toc), blob_id=self.blob_id,
-                    toc_digest=self.footer.toc_digest, view_size=self.view_size)
+        return dict(chunk_count=self.chunk_count, blob_id=self.blob_id, view_size=self.view_size)
 
     def _map_identity(self) -> tuple | None:
         try:
@@ -394,8 +371,8 @@ class BlobCache:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
 
-    def _load_state(self, sole: bool) -> tuple[ChunkMap, bytearray, int]:
-        n = len(self.toc)
+    def _load_state(self, sole: bool) -> tuple[ChunkMap, bytearray]:
+        n = len(self.entries)
         kw = self._map_kw()
         existed = os.path.exists(self.map_path)
         self._map_seen = self._map_identity()
@@ -416,11 +393,12 @@ class BlobCache:
                 # chunks must stay; we just start empty. Growing never destroys a byte.
                 os.ftruncate(self._fd, self.view_size)
         state = bytearray(n)
-        ready_bytes = 0
-        for i in cmap.ready_indices():
-            state[i] = UNCHECKED
-            ready_bytes += self.toc[i].uncompressed_size
-        return cmap, state, ready_bytes
+        for k, e in enumerate(self.entries):
+            if cmap.ready(e.index):
+                state[k] = UNCHECKED
+                self._ready_count += 1
+                self._ready_bytes += e.uncompressed_size
+        return cmap, state
 
     # ------------------------------------------------------------------ lifecycle
     @contextmanager
@@ -474,7 +452,7 @@ class BlobCache:
     def _span(self, offset: int, end: int) -> range:
         """Indices of the chunks overlapping view range [offset, end)."""
         lo = bisect.bisect_right(self._offsets, offset) - 1
-        if lo < 0 or self.toc[lo].uncompressed_end <= offset:
+        if lo < 0 or self.entries[lo].uncompressed_end <= offset:
             lo += 1
         hi = bisect.bisect_left(self._offsets, end)
         return range(lo, max(lo, hi))
@@ -498,16 +476,31 @@ class BlobCache:
                 if not more:                 # cannot happen: the file is view_size long
                     raise RafsError(f"{self.name}: cache file {self.data_path} is truncated")
                 out += more
-            if mem:                          # chunks that could not be written to the data file
+            if mem or self._partial:
                 buf = bytearray(out)
-                for i, plain in mem.items():
-                    e = self.toc[i]
+                for i, plain in mem.items():  # chunks that could not be written to the data file
+                    e = self.entries[i]
                     lo, hi = max(offset, e.uncompressed_offset), min(end, e.uncompressed_end)
                     buf[lo - offset:hi - offset] = plain[lo - e.uncompressed_offset:
                                                          hi - e.uncompressed_offset]
+                if self._partial:
+                    self._zero_outside(buf, offset, end)
                 out = bytes(buf)
         self.metrics.read(len(out), hits, misses)
         return out
+
+    def _zero_outside(self, buf: bytearray, offset: int, end: int) -> None:
+        """Zero the bytes of view range [offset, end) (in `buf`) that lie in none of this cache's
+        entries: the data file may hold chunks another bootstrap of the blob fetched there, and
+        this one's view is the same whoever shares the cache."""
+        pos = offset
+        for i in self._span(offset, end):
+            e = self.entries[i]
+            if e.uncompressed_offset > pos:
+                buf[pos - offset:e.uncompressed_offset - offset] = bytes(e.uncompressed_offset - pos)
+            pos = max(pos, e.uncompressed_end)
+        if pos < end:
+            buf[pos - offset:] = bytes(end - pos)
 
     def _ensure(self, indices: Sequence[int], *, urgent: bool,
                 keep: bool = True) -> tuple[dict[int, bytes], int, int]:
@@ -591,25 +584,30 @@ class BlobCache:
         return min(self.merge_size, self.amplify)
 
     def _plan(self, missing: list[int], *, widen: int) -> list[tuple[list[int], _Pending]]:
-        """Group sorted missing chunk indices into merged requests and mark them in flight (locked);
-        the last request grows over the following missing chunks up to `widen` bytes."""
+        """Group sorted missing chunk positions into merged requests and mark them in flight
+        (locked); the last request grows over the following missing chunks up to `widen` bytes.
+
+        A request spans neighbours in `entries` that follow each other in the blob file
+        (`chunks.joinable`: at most MAX_MERGE_GAP bytes apart), at most `merge_size` bytes
+        from its first byte to its last (a single chunk may be larger)."""
+        ents = self.entries
         groups: list[list[int]] = []
-        size = 0
         for i in missing:
-            c = self.toc[i].compressed_size
-            if groups and groups[-1][-1] == i - 1 and size + c <= self.merge_size:
-                groups[-1].append(i)
-                size += c
-            else:
-                groups.append([i])
-                size = c
+            if groups:
+                g = groups[-1]
+                if g[-1] == i - 1 and joinable(ents[i - 1], ents[i]) \
+                        and ents[i].compressed_end - ents[g[0]].compressed_offset <= self.merge_size:
+                    g.append(i)
+                    continue
+            groups.append([i])
         if widen and groups:
             last = groups[-1]
+            start = ents[last[0]].compressed_offset
             j = last[-1] + 1
-            while (j < len(self.toc) and self._state[j] == MISSING and j not in self._inflight
-                   and size + self.toc[j].compressed_size <= widen):
+            while (j < len(ents) and self._state[j] == MISSING and j not in self._inflight
+                   and joinable(ents[j - 1], ents[j])
+                   and ents[j].compressed_end - start <= widen):
                 last.append(j)
-                size += self.toc[j].compressed_size
                 j += 1
         out = []
         for g in groups:
@@ -635,15 +633,19 @@ class BlobCache:
 
     # ------------------------------------------------------------------ fetching
     def _fetch(self, batch: list[int], p: _Pending, prefetch: bool = False) -> None:
-        """Fetch one merged range, verify each chunk, write and mark the good ones; completes `p`."""
+        """Fetch one merged range, verify each chunk, write and mark the good ones; completes `p`.
+
+        Only the entries' own bytes are decoded; bytes between them (a gap of chunks this
+        bootstrap does not use) are dropped, and the backend need not even fetch them."""
         try:
-            entries = [self.toc[i] for i in batch]
+            entries = [self.entries[i] for i in batch]
             start = entries[0].compressed_offset
             length = entries[-1].compressed_end - start
+            wanted = [(e.compressed_offset, e.compressed_end) for e in entries]
             with self._slots:
                 t0 = time.monotonic()
                 try:
-                    data = memoryview(self.backend.read_range(self.blob_id, start, length))
+                    data = memoryview(self.backend.read_sparse(self.blob_id, start, length, wanted))
                 except BaseException:
                     self.metrics.fetch_error()
                     raise
@@ -651,7 +653,7 @@ class BlobCache:
             for i, e in zip(batch, entries):
                 rel = e.compressed_offset - start
                 try:
-                    plain = self._verified(i, e, data[rel:rel + e.compressed_size])
+                    plain = self._verified(e, data[rel:rel + e.compressed_size])
                 except IntegrityError as err:
                     p.results[i] = err
                     continue
@@ -669,25 +671,19 @@ class BlobCache:
                         del self._inflight[i]
             p.event.set()
 
-    def _decode(self, i: int, e: ChunkEntry, payload) -> bytes:
-        """Plain bytes of chunk `i` from its payload; IntegrityError if they fail the TOC digest."""
-        if e.compressed:
-            plain = decompress(self.footer.compressor, payload, e.uncompressed_size)
-        else:
-            plain = bytes(payload)
-        got = digest_of(self.footer.digester, plain)
-        if got != e.digest:
-            raise IntegrityError(f"{self.footer.digester} digest is {got.hex()}, "
-                                 f"the TOC says {e.digest.hex()}")
-        return plain
+    def _decode(self, e: ChunkEntry, payload) -> bytes:
+        """Plain bytes of chunk `e` from its payload; IntegrityError unless they match its digest."""
+        return decode_chunk(e, payload, self.compressor, self.digester, name=self.name)
 
-    def _verified(self, i: int, e: ChunkEntry, payload) -> bytes:
-        """Decode and verify chunk `i`; one retry from the backend's origin; logs one line on failure."""
-        where = (f"{self.name}: chunk #{i} (view offset {e.uncompressed_offset}, "
-                 f"{e.uncompressed_size} bytes; blob bytes [{e.compressed_offset}, "
-                 f"{e.compressed_end}))")
+    def _where(self, e: ChunkEntry) -> str:
+        return (f"{self.name}: chunk #{e.index} (view offset {e.uncompressed_offset}, "
+                f"{e.uncompressed_size} bytes; blob bytes [{e.compressed_offset}, "
+                f"{e.compressed_end}))")
+
+    def _verified(self, e: ChunkEntry, payload) -> bytes:
+        """Decode and verify chunk `e`; one retry from the backend's origin; logs one line on failure."""
         try:
-            return self._decode(i, e, payload)
+            return self._decode(e, payload)
         except IntegrityError as err:
             self.metrics.verify_failure()
             first = err
@@ -696,20 +692,29 @@ class BlobCache:
                                                   e.compressed_size)
         except BackendError as err:
             again = None
-            log.debug("%s: re-reading from the origin failed: %s", where, err)
+            log.debug("%s: re-reading from the origin failed: %s", self._where(e), err)
         if again is not None:
             try:
-                plain = self._decode(i, e, again)
+                plain = self._decode(e, again)
                 log.warning("%s: a mirror served corrupt bytes (%s); the origin's are good",
-                            where, first)
+                            self._where(e), first)
                 return plain
             except IntegrityError as err:
                 self.metrics.verify_failure()
                 first = err
-        msg = (f"{where} failed verification: {first}; the blob is corrupt or was tampered "
-               "with, the chunk is not cached")
+        msg = f"{self.name}: chunk #{e.index} failed verification and is not cached: {first}"
         log.error("%s", msg)
         raise IntegrityError(msg) from None
+
+    def _mark(self, i: int, e: ChunkEntry, h: int) -> None:
+        """Locked: chunk position `i` holds verified bytes with chunkmap hash `h`."""
+        self._cleared.pop(e.index, None)
+        if not self._map.ready(e.index):
+            self._ready_count += 1
+            self._ready_bytes += e.uncompressed_size
+        self._map.mark_ready(e.index, h)
+        self._state[i] = READY
+        self._note_dirty()
 
     def _store(self, i: int, e: ChunkEntry, plain: bytes) -> None:
         """Write a verified chunk at its view offset and mark it ready (unless the write fails)."""
@@ -723,21 +728,18 @@ class BlobCache:
             if not self._write_failed:
                 self._write_failed = True
                 log.warning("%s: cannot write chunk #%d to %s (%s); serving fetched chunks from "
-                            "memory without caching them", self.name, i, self.data_path,
+                            "memory without caching them", self.name, e.index, self.data_path,
                             os.strerror(err.errno) if err.errno else err)
             return
-        h = xxhash.xxh64_intdigest(plain)
+        h = chunk_xxh64(plain, e.digest)
         with self._lock:
-            self._cleared.pop(i, None)
             if self._state[i] != READY:
-                self._ready_bytes += 0 if self._map.ready(i) else e.uncompressed_size
-                self._map.mark_ready(i, h)
-                self._state[i] = READY
-                self._note_dirty()
+                self._mark(i, e, h)
 
     def _recheck(self, i: int, p: _Pending) -> None:
-        """First read of a chunk after a restart: compare its bytes with the recorded xxh64."""
-        e = self.toc[i]
+        """First read of a chunk after a restart: compare its bytes with the recorded xxh64
+        (seeded with the chunk digest: bytes verified against another digest fail too)."""
+        e = self.entries[i]
         try:
             try:
                 data = os.pread(self._fd, e.uncompressed_size, e.uncompressed_offset)
@@ -746,20 +748,21 @@ class BlobCache:
             else:
                 why = "its xxh64 does not match the cache state"
             with self._lock:
-                expected = self._map.xxh64(i)
+                expected = self._map.xxh64(e.index)
             if data is not None and len(data) == e.uncompressed_size \
-                    and xxhash.xxh64_intdigest(data) == expected:
+                    and chunk_xxh64(data, e.digest) == expected:
                 with self._lock:
                     self._state[i] = READY
                 return
             log.warning("%s: cached chunk #%d (view offset %d) changed on disk (%s); fetching "
-                        "it again", self.name, i, e.uncompressed_offset, why)
+                        "it again", self.name, e.index, e.uncompressed_offset, why)
             self.metrics.recheck_failure()
             with self._lock:
-                if self._map.ready(i):
+                if self._map.ready(e.index):
+                    self._ready_count -= 1
                     self._ready_bytes -= e.uncompressed_size
-                self._cleared[i] = expected    # a shared map may still vouch for these bytes
-                self._map.clear(i)
+                self._cleared[e.index] = expected   # a shared map may still vouch for these bytes
+                self._map.clear(e.index)
                 self._state[i] = MISSING
                 self._note_dirty()
         finally:
@@ -846,12 +849,17 @@ class BlobCache:
     def _adopt(self, disk: ChunkMap) -> int:
         """Merge the on-disk map into ours (locked): its ready chunks we lack become UNCHECKED
         (or stay in flight here); chunks whose bytes we found changed are left out."""
-        added = self._map.merge_from(disk, self._cleared)
-        for i in added:
-            self._ready_bytes += self.toc[i].uncompressed_size
+        n = 0
+        for ci in self._map.merge_from(disk, self._cleared):
+            i = self._pos.get(ci)
+            if i is None:                      # a chunk of the blob this bootstrap does not use
+                continue
+            n += 1
+            self._ready_count += 1
+            self._ready_bytes += self.entries[i].uncompressed_size
             if self._state[i] == MISSING and i not in self._inflight:
                 self._state[i] = UNCHECKED
-        return len(added)
+        return n
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, ranges: Iterable[tuple[int, int]], low_priority: bool = True) -> Future:
@@ -950,7 +958,7 @@ class BlobCache:
             self._refresh_from_disk()          # chunks another process fetched meanwhile
             with self._lock:
                 batch: list[int] = []
-                size = 0
+                ents = self.entries
                 indices = job.indices
                 while job.pos < len(indices):
                     i = indices[job.pos]
@@ -959,11 +967,11 @@ class BlobCache:
                             break
                         job.pos += 1
                         continue
-                    c = self.toc[i].compressed_size
-                    if batch and (i != batch[-1] + 1 or size + c > self.merge_size):
+                    if batch and (i != batch[-1] + 1 or not joinable(ents[i - 1], ents[i])
+                                  or ents[i].compressed_end - ents[batch[0]].compressed_offset
+                                  > self.merge_size):
                         break
                     batch.append(i)
-                    size += c
                     job.pos += 1
                 if not batch:
                     return True
@@ -985,23 +993,24 @@ class BlobCache:
         """Disk and chunk usage: `disk_bytes` is what the sparse data file really occupies."""
         st = os.fstat(self._fd)
         with self._lock:
-            ready = self._map.ready_count
+            ready = self._ready_count
             ready_bytes = self._ready_bytes
             inflight = len(self._inflight)
         return {
             "blob_id": self.blob_id,
             "disk_bytes": st.st_blocks * 512,
             "view_size": self.view_size,
-            "chunks_total": len(self.toc),
+            "chunks_total": len(self.entries),
             "chunks_ready": ready,
             "bytes_total": self.total_bytes,
             "bytes_ready": ready_bytes,
             "chunks_inflight": inflight,
-            "complete": ready == len(self.toc),
+            "complete": ready == len(self.entries),
         }
 
     def chunk_ready(self, i: int) -> bool:
-        """True if chunk i's bytes are in the data file (verified, or vouched for by the chunkmap)."""
+        """True if chunk `entries[i]`'s bytes are in the data file (verified, or vouched for by
+        the chunkmap)."""
         with self._lock:
             return self._state[i] != MISSING
 
@@ -1031,10 +1040,13 @@ class CacheManager:
         self._closed = False
 
     def open(self, info) -> BlobCache:
-        """The BlobCache of blob `info` (a BlobInfo), opened on first use (fetches its TOC if needed).
+        """The BlobCache of blob `info` (a BlobInfo), opened on first use (reads its chunkmap;
+        nothing is fetched).
 
-        The TOC is fetched without holding the manager's lock: opening one blob never waits
-        for another's. Concurrent opens of one blob share one BlobCache (or its error).
+        Opening happens without holding the manager's lock: opening one blob never waits
+        for another's. Concurrent opens of one blob share one BlobCache (or its error). A
+        manager serves one bootstrap: a record of an open blob with chunks its cache does not
+        serve raises CacheInUse.
         """
         blob_id = normalize_blob_id(info.blob_id)
         with self._lock:
@@ -1042,13 +1054,13 @@ class CacheManager:
                 raise CacheClosed(f"cache manager of {self.dir} is closed")
             cache = self._caches.get(blob_id)
             if cache is not None:
-                return cache
+                return self._same(cache, info)
             pending = self._opening.get(blob_id)
             mine = pending is None
             if mine:
                 pending = self._opening[blob_id] = Future()
         if not mine:
-            return pending.result()            # the other opener's BlobCache, or its error
+            return self._same(pending.result(), info)   # the other opener's cache, or its error
         try:
             cache = BlobCache(self.dir, info, self.backend, metrics=self.metrics,
                               gate=self.gate, cost_model=self.cost_model, **self._options)
@@ -1062,12 +1074,19 @@ class CacheManager:
             closed = self._closed
             if not closed:
                 self._caches[blob_id] = cache
-        if closed:                             # the manager closed while we fetched the TOC
+        if closed:                             # the manager closed while we opened it
             cache.close()
             err = CacheClosed(f"cache manager of {self.dir} is closed")
             pending.set_exception(err)
             raise err
         pending.set_result(cache)
+        return cache
+
+    @staticmethod
+    def _same(cache: BlobCache, info) -> BlobCache:
+        if not cache.covers(info):
+            raise CacheInUse(f"{cache.name} is open for another bootstrap whose chunk table "
+                             "lists other chunks of it; use one cache manager per image")
         return cache
 
     def get(self, blob_id: str) -> BlobCache | None:

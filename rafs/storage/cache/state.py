@@ -2,7 +2,13 @@
 
 The blob cache keeps a blob's uncompressed view in a sparse data file
 (`<blob_id>.blob`); this file records which chunks of it hold verified bytes.
-For each chunk: a ready bit and the xxh64 of the chunk's plain bytes. The whole
+Chunks are numbered by their index in the blob's compression-info array (the
+ci index the bootstrap's chunk table records), so mounts of different images
+that use different chunks of one blob (a chunk-dict blob) share one map. For
+each chunk: a ready bit and the xxh64 of the chunk's plain bytes, seeded with
+the first 8 bytes of the chunk digest the bytes were verified against
+(`chunk_xxh64`), so bytes vouched for under one bootstrap's digest never pass
+the re-check under another's. The whole
 file is covered by a sha256, and it is only ever replaced atomically (write
 `<name>.<pid>-<thread>.tmp`, fsync, rename, fsync the directory), after the
 data file was fdatasync'd, so a ready bit on disk always vouches for bytes
@@ -15,23 +21,23 @@ Layout (little-endian)::
 
     header, 128 bytes (CHUNKMAP_HEADER):
         magic        8s   b"RAFSCMAP"
-        version      u32  1
+        version      u32  2
         flags        u32  0
-        chunk_count  u64  TOC entries of the blob
+        chunk_count  u64  chunks of the blob (its ci entries, the blob table's chunk_count)
         view_size    u64  bytes of the uncompressed view (= data file size)
         blob_id      32s  sha256 of the blob (raw)
-        toc_digest   32s  sha256 of the blob's TOC (raw)
-        reserved     32s  zeros
+        reserved     64s  zeros
     ready bitmap     ceil(chunk_count / 64) * 8 bytes; bit i (byte i//8, bit i%8) = chunk i ready
-    xxh64            chunk_count x u64; 0 for chunks that are not ready
+    xxh64            chunk_count x u64 (`chunk_xxh64`); 0 for chunks that are not ready
     checksum         32s  sha256 of everything above
 
 A file that is missing, truncated, fails its checksum, has another version,
-or describes another blob / TOC / chunk count is *not* an error: `load`
+or describes another blob / chunk count / view size is *not* an error: `load`
 returns an empty map and the reason, and the cache starts empty (it logs a
 warning). xxh64 is not a trust anchor (see DESIGN "Trust chain"): it only
-detects a data file that changed behind the cache's back; chunks are trusted
-because they were verified against their TOC digest before being written.
+detects a data file that changed behind the cache's back (or bytes verified
+against another digest); chunks are trusted because they were verified
+against their chunk digest (from the bootstrap) before being written.
 """
 from __future__ import annotations
 
@@ -42,14 +48,21 @@ import sys
 import threading
 from array import array
 
+import xxhash
+
 CHUNKMAP_MAGIC = b"RAFSCMAP"
-CHUNKMAP_VERSION = 1
-CHUNKMAP_HEADER = struct.Struct("<8sIIQQ32s32s32s")
+CHUNKMAP_VERSION = 2
+CHUNKMAP_HEADER = struct.Struct("<8sIIQQ32s64s")
 CHUNKMAP_HEADER_SIZE = CHUNKMAP_HEADER.size
 assert CHUNKMAP_HEADER_SIZE == 128, CHUNKMAP_HEADER_SIZE
 CHECKSUM_SIZE = 32                 # sha256 trailer
 
 MAX_CHUNKS = 1 << 32               # sanity bound on chunk_count read from disk
+
+
+def chunk_xxh64(plain: bytes, digest: bytes) -> int:
+    """The xxh64 a chunkmap records for a chunk's plain bytes verified against `digest`."""
+    return xxhash.xxh64_intdigest(plain, int.from_bytes(digest[:8], "little"))
 
 
 def _raw32(value: str | bytes, what: str) -> bytes:
@@ -79,14 +92,12 @@ class ChunkMapError(ValueError):
 class ChunkMap:
     """In-memory ready bits + xxh64 per chunk of one blob. Not locked: the owner locks."""
 
-    def __init__(self, chunk_count: int, *, blob_id: str | bytes, toc_digest: str | bytes,
-                 view_size: int):
+    def __init__(self, chunk_count: int, *, blob_id: str | bytes, view_size: int):
         if not 0 <= chunk_count < MAX_CHUNKS:
             raise ValueError(f"chunk_count {chunk_count} out of range")
         self.chunk_count = chunk_count
         self.view_size = view_size
         self.blob_id = _raw32(blob_id, "blob id")
-        self.toc_digest = _raw32(toc_digest, "TOC digest")
         self._bits = bytearray(_bitmap_size(chunk_count))
         self._hashes = array("Q", bytes(8 * chunk_count))
         self._ready = 0
@@ -141,7 +152,7 @@ class ChunkMap:
     # -- bytes
     def encode(self) -> bytes:
         header = CHUNKMAP_HEADER.pack(CHUNKMAP_MAGIC, CHUNKMAP_VERSION, 0, self.chunk_count,
-                                      self.view_size, self.blob_id, self.toc_digest, bytes(32))
+                                      self.view_size, self.blob_id, bytes(64))
         hashes = self._hashes
         if sys.byteorder != "little":
             hashes = array("Q", hashes)
@@ -151,21 +162,21 @@ class ChunkMap:
 
     @classmethod
     def decode(cls, data: bytes, *, chunk_count: int, blob_id: str | bytes,
-               toc_digest: str | bytes, view_size: int) -> "ChunkMap":
+               view_size: int) -> "ChunkMap":
         """Parse a chunkmap file that must describe exactly this blob; ChunkMapError says why not."""
         if len(data) < CHUNKMAP_HEADER_SIZE + CHECKSUM_SIZE:
             raise ChunkMapError(f"file is {len(data)} bytes, too short for a chunkmap")
         body, checksum = data[:-CHECKSUM_SIZE], data[-CHECKSUM_SIZE:]
         if hashlib.sha256(body).digest() != checksum:
             raise ChunkMapError("checksum mismatch (torn write or corruption)")
-        magic, version, flags, count, vsize, bid, tdig, reserved = CHUNKMAP_HEADER.unpack_from(body)
+        magic, version, flags, count, vsize, bid, reserved = CHUNKMAP_HEADER.unpack_from(body)
         if magic != CHUNKMAP_MAGIC:
             raise ChunkMapError(f"bad magic {magic!r}")
         if version != CHUNKMAP_VERSION or flags or any(reserved):
             raise ChunkMapError(f"unsupported chunkmap version {version} / flags {flags:#x}")
-        m = cls(chunk_count, blob_id=blob_id, toc_digest=toc_digest, view_size=view_size)
-        if (count, vsize, bid, tdig) != (m.chunk_count, m.view_size, m.blob_id, m.toc_digest):
-            raise ChunkMapError("it describes another blob, TOC or view size")
+        m = cls(chunk_count, blob_id=blob_id, view_size=view_size)
+        if (count, vsize, bid) != (m.chunk_count, m.view_size, m.blob_id):
+            raise ChunkMapError("it describes another blob, chunk count or view size")
         if len(data) != file_size(count):
             raise ChunkMapError(f"file is {len(data)} bytes, expected {file_size(count)}")
         off = CHUNKMAP_HEADER_SIZE
@@ -189,10 +200,9 @@ class ChunkMap:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, chunk_count: int, blob_id: str | bytes,
-             toc_digest: str | bytes, view_size: int) -> tuple["ChunkMap", str | None]:
+             view_size: int) -> tuple["ChunkMap", str | None]:
         """(map, None) from `path`, or (empty map, reason) if the file is missing or unusable."""
-        kw = dict(chunk_count=chunk_count, blob_id=blob_id, toc_digest=toc_digest,
-                  view_size=view_size)
+        kw = dict(chunk_count=chunk_count, blob_id=blob_id, view_size=view_size)
         try:
             with open(path, "rb") as f:
                 data = f.read(file_size(chunk_count) + 1)
