@@ -1,6 +1,6 @@
 """Conversion throughput: `nydusify convert` against the work it cannot avoid.
 
-    python -m benchmarks.convert                       # the sample image (converter.sample)
+    python -m benchmarks.convert                       # the sample image (testbed.sample)
     python -m benchmarks.convert --source oci:DIR:TAG  # or HOST/REPO:TAG (--plain-http)
     python -m benchmarks.convert --profile out.prof    # + cProfile of one conversion
 
@@ -39,9 +39,9 @@ import zstandard
 from converter.convert import ConvertOptions, convert
 from converter.inspect import summarize
 from converter.nydus_image import load_from_store
-from converter.sample import build_sample_layout
-from converter.store import OciLayoutStore, open_store
+from testbed.sample import build_sample_layout
 from rafs.blob import CHUNK_SIZE_DEFAULT, validate_chunk_size
+from rafs.image.store import OciLayoutStore, open_store
 
 from .prereq import require
 

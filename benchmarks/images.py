@@ -42,8 +42,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rafs.image.media import ANNOTATION_REF_NAME
+from testbed.process import run
+
 from .prereq import require
-from .sysutil import Cleanup, bind_mount, mount, mounts_below, run, umount_all_below
+from .sysutil import Cleanup, bind_mount, mount, mounts_below, umount_all_below
 
 log = logging.getLogger("benchmarks.images")
 
@@ -53,7 +56,6 @@ SOURCE_DATE_EPOCH = 1767225600            # 2026-01-01T00:00:00Z
 SUITE, ARCH = "bookworm", "amd64"
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RECIPE_ANNOTATION = "org.pynydus.bench.recipe-key"
-REF_NAME = "org.opencontainers.image.ref.name"
 REPO = "bench"
 APT_OPTS = ["-o", "Acquire::Languages=none", "-o", "Acquire::Check-Valid-Until=false",
             "-o", "Acquire::Check-Date=false", "-o", "APT::Sandbox::User=root", "-o", "Dpkg::Use-Pty=0"]
@@ -125,7 +127,7 @@ class Layout:
 
     def digest(self, tag: str) -> str | None:
         for m in self.index().get("manifests") or []:
-            if (m.get("annotations") or {}).get(REF_NAME) == tag:
+            if (m.get("annotations") or {}).get(ANNOTATION_REF_NAME) == tag:
                 return m["digest"]
         return None
 

@@ -33,13 +33,15 @@ import sys
 import time
 from pathlib import Path
 
+from testbed.process import run
+
 from . import report
 from .prereq import require
 from .images import DEFAULT_WORKDIR, IMAGES, ImageBuilder, Layout, image_stats, layer_stats
 from .modes import MODES, Bench, run_mode
 from .netshape import LINKS, ShapedLink, measure_throughput
 from .prepare import Converter, record_workload, split_ref
-from .sysutil import Cleanup, LoopExt4, load_average, run, run_root, umount_all_below
+from .sysutil import Cleanup, LoopExt4, load_average, run_root, umount_all_below
 from .workloads import DEFAULT_WORKLOADS, QUICK_WORKLOADS, WORKLOADS, Workload, resolve
 
 log = logging.getLogger("benchmarks.lazy_start")
@@ -53,7 +55,7 @@ CONVERT_ORDER = ["minbase", "python", "numpy", "node", "gcc", "pysci"]
 
 
 def _registry_class():
-    from converter.localregistry import Registry
+    from testbed.registry import Registry
     return Registry
 
 
@@ -344,7 +346,7 @@ class Suite:
                         # up before containerd: a proxy it cannot dial puts its gRPC connection into backoff
                         snaps[fsmode].start(cleanup)
                 ctd = Containerd(fast / "ctd" / "root",
-                                 snapshotters={s.name: s.socket for s in snaps.values()}).start(cleanup)
+                                 snapshotters={s.name: s.address for s in snaps.values()}).start(cleanup)
                 if want_snap:
                     wl0 = self.workloads[0]
                     err = preflight_snapshotter(ctd, snaps, f"{reg.host}/{self.tags[(wl0.image, 'nydus')]}",
@@ -353,7 +355,7 @@ class Suite:
                         raise RuntimeError(f"--runner snapshotter: preflight failed: {err}")
                     if err:
                         for sn in snaps.values():
-                            sn.stop()
+                            sn.teardown()
                         snaps = {}
                         runner = "ctr"
                         self.meta["runner_note"] = f"containerd snapshotter path not used (preflight failed: {err}); " \

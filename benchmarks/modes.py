@@ -41,11 +41,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.process import free_port, run
+
 from .ctd import Containerd
 from .netshape import ShapedLink
 from .prepare import chroot_env, daemon_stats, mount_lazy, run_chrooted
-from .sysutil import Cleanup, load_average, run, run_root, umount_all_below
-from .workloads import Workload, free_port, wait_http
+from .sysutil import Cleanup, load_average, run_root, umount_all_below
+from .workloads import Workload, wait_http
 
 log = logging.getLogger("benchmarks.modes")
 
@@ -66,7 +68,7 @@ class Bench:
     """What every run needs: where, which registry and link, which containerd."""
     workdir: Path
     fast: Path                                  # loop-mounted ext4: containerd root + pynydus caches
-    registry: object                            # converter.localregistry.Registry
+    registry: object                            # testbed.registry.Registry
     link: ShapedLink
     cleanup: Cleanup
     ctd: Containerd | None = None
@@ -362,8 +364,7 @@ def run_p2p(b: Bench, wl: Workload, repeat: int) -> dict:
     fsmode = "erofs" if b.erofs_ok else "fuse"
     row = _base_row(b, wl, "p2p", repeat)
     env = chroot_env(b.configs[wl.image])
-    from .netshape import _free_port
-    peer = f"{b.link.host_ip}:{_free_port(b.link.host_ip)}"
+    peer = f"{b.link.host_ip}:{free_port(b.link.host_ip)}"
     names = {n: b.next_id(n) for n in ("peerA", "nodeB")}
     caches = {n: b.fast / "cache" / names[n] for n in names}
     inner = Cleanup()

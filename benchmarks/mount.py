@@ -36,6 +36,7 @@ from pathlib import Path
 import requests
 
 from benchmarks.prereq import require
+from rafs.image import media
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = "/var/tmp/pynydus-mountbench"
@@ -111,14 +112,14 @@ def build_layout(tree: Path, layout: Path) -> str:
 
     config = put({"architecture": "amd64", "os": "linux", "config": {},
                   "rootfs": {"type": "layers", "diff_ids": ["sha256:" + digest]}})
-    manifest = put({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
-                    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+    manifest = put({"schemaVersion": 2, "mediaType": media.OCI_MANIFEST,
+                    "config": {"mediaType": media.OCI_CONFIG, **config},
+                    "layers": [{"mediaType": media.OCI_LAYER_TAR,
                                 "digest": "sha256:" + digest, "size": size}]})
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", **manifest,
-        "annotations": {"org.opencontainers.image.ref.name": "bench"}}]}))
+        "mediaType": media.OCI_MANIFEST, **manifest,
+        "annotations": {media.ANNOTATION_REF_NAME: "bench"}}]}))
     return f"oci:{layout}:bench"
 
 
@@ -274,7 +275,7 @@ def fetch_verify_ceiling(registry, ref: str, path: bytes, limit: int = 512 * MiB
     from converter.nydus_image import open_nydus_image
     from rafs.compress import decompress
     from rafs.digest import digest as digest_of
-    from rafs.storage.registry import RegistryClient
+    from rafs.image.client import RegistryClient
     with open_nydus_image(ref, plain_http=True) as image:
         boot = image.bootstrap
         nid = boot.resolve(path)
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     require("python -m benchmarks.mount", ["docker-registry", "libfuse3"])
     sys.path.insert(0, str(REPO_ROOT))
     from converter.convert import ConvertOptions, convert
-    from converter.localregistry import Registry, push_image
+    from testbed.registry import Registry, push_image
     from converter.nydus_image import open_nydus_image
 
     work = Path(args.workdir)

@@ -45,7 +45,9 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sysutil import Cleanup, run, stop_process, umount
+from testbed.process import free_port, run, stop_process
+
+from .sysutil import Cleanup, umount
 
 log = logging.getLogger("benchmarks.netshape")
 
@@ -100,12 +102,6 @@ def _pick_subnet() -> ipaddress.IPv4Network:
         if not any(cand.overlaps(u) for u in used):
             return cand
     raise RuntimeError("no free /30 in 10.213.0.0/16")
-
-
-def _free_port(addr: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
 
 
 def _wait_listening(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
@@ -163,7 +159,7 @@ class ShapedLink:
         run(["ip", "addr", "add", f"{ns_ip}/30", "dev", self.ns_if], netns=self.netns)
         run(["ip", "link", "set", self.ns_if, "up"], netns=self.netns)
         run(["ip", "link", "set", "lo", "up"], netns=self.netns)
-        port = _free_port(host_ip)
+        port = free_port(host_ip)
         dev = ["dev", self.host_if]
         run(["tc", "qdisc", "replace", *dev, "root", "handle", "1:", "htb", "default", "10"])
         run(["tc", "class", "add", *dev, "parent", "1:", "classid", "1:10", "htb", "rate", "10gbit"])

@@ -3,12 +3,12 @@
     python -m benchmarks.p2p [--nodes 1,2,4,8] [--rate 100mbit] [--repeat 3] [--mb 32]
                              [--out DIR]                    # needs root, iproute2, docker-registry
 
-Setup (tests/helpers/netns.py): every node in its own network namespace on one
+Setup (testbed/netns.py): every node in its own network namespace on one
 bridge; the registry (docker-registry) on the host's veth, whose egress (registry ->
 nodes) is shaped with TBF to `--rate`; the tracker (`nydus-peer tracker`) in the hub
 namespace. Peer traffic between nodes is not shaped (a LAN). Each node is a real mount
 daemon (`nydusify mount` with the P2P options, or the stand-in driver of
-tests/integration/test_p2p_cluster.py while the CLI lacks them) with its own fresh cache.
+testbed/p2pcluster.py while the CLI lacks them) with its own fresh cache.
 
 For N in --nodes, with and without P2P, --repeat times: start all N mounts at once,
 then read every file of the image through each mount (one reader thread per node).
@@ -34,15 +34,15 @@ import time
 from pathlib import Path
 
 from benchmarks.prereq import require
-from tests.helpers.netns import NetLab, available
-from tests.helpers.registry import Registry
-from tests.helpers.p2pcluster import REPO, Cluster, convert_push, egress, in_parallel, p2p_args
+from testbed import images as im
+from testbed.netns import NetLab, available
+from testbed.p2pcluster import REPO, Cluster, convert_push, egress, in_parallel, p2p_args
+from testbed.registry import Registry
 
 MiB = 1 << 20
 
 
 def build_bench_image(layout: Path, mb: int, seed: int = 4242):
-    from tests.helpers import images as im
     entries = [im.Entry.dir("data")]
     expect = {}
     n = max(4, mb // 4)
@@ -122,13 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="p2p-bench-"))
     rows = []
     with NetLab(nodes=max(counts)) as lab:
-
-        class LabRegistry(Registry):
-            @property
-            def host(self) -> str:
-                return f"{lab.host_ip}:{self.port}"
-
-        with LabRegistry(root / "registry") as reg:
+        with Registry(root / "registry", ip=lab.host_ip) as reg:
             image, expect = build_bench_image(root / "src", args.mb)
             ref = f"{reg.host}/bench/p2p:v1"
             convert_push(image, ref)

@@ -31,16 +31,16 @@ from pathlib import Path
 
 import requests
 
-from .sysutil import PAGE, Cleanup, bind_mount, mount, resident_pages, run, run_root, umount, umount_all_below
-from .workloads import Workload, free_port, wait_http
+from rafs.image.media import MANIFEST_ACCEPT
+from rafs.osutil import atomic_write
+from testbed.process import free_port, run
+
+from .sysutil import PAGE, Cleanup, bind_mount, mount, resident_pages, run_root, umount, umount_all_below
+from .workloads import Workload, wait_http
 
 log = logging.getLogger("benchmarks.prepare")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MANIFEST_ACCEPT = ", ".join([
-    "application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json"])
 
 
 def nydusify(*args, timeout: float = 3600, netns=None, check: bool = True) -> subprocess.CompletedProcess:
@@ -54,7 +54,7 @@ def code_hash() -> str:
     files = sorted((REPO_ROOT / "converter").glob("*.py")) + sorted((REPO_ROOT / "rafs" / "erofs").glob("*.py"))
     files += [REPO_ROOT / "rafs" / n for n in ("blob.py", "bootstrap.py", "compress.py", "digest.py", "tree.py")]
     for p in files:
-        if p.exists() and p.name not in ("mount_cli.py", "localregistry.py", "demo.py", "cli.py"):
+        if p.exists() and p.name not in ("mount_cli.py", "demo.py", "cli.py"):
             h.update(p.name.encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -87,9 +87,7 @@ class Converter:
 
     def _save(self) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.db, indent=1, sort_keys=True))
-        tmp.replace(self.state_file)
+        atomic_write(self.state_file, json.dumps(self.db, indent=1, sort_keys=True))
 
     def convert(self, source: str, target: str, *, chunk_dict: str | None = None,
                 prefetch_file: str | None = None, force: bool = False) -> dict:

@@ -1,4 +1,5 @@
-"""Small system helpers for the benchmark suite: commands, mounts, cleanup, page-cache residency.
+"""Small system helpers for the benchmark suite: mounts, cleanup, page-cache residency (commands and
+processes: testbed.process).
 
 Everything a benchmark sets up (mounts, processes, namespaces, qdiscs) is
 registered with a `Cleanup` stack right after it exists, so it is undone in
@@ -16,13 +17,16 @@ import logging
 import mmap
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
+
+from rafs import osutil
+from rafs.osutil import is_mountpoint, mounts_below  # noqa: F401  (mounts_below: used through here)
+from testbed.process import run
 
 log = logging.getLogger(__name__)
 
@@ -33,39 +37,14 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.posix_fadvise.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
-MNT_DETACH = 2
 POSIX_FADV_DONTNEED = 4
-
-
-class CommandError(RuntimeError):
-    def __init__(self, cmd: Sequence[str], rc: int, out: str, err: str):
-        self.cmd, self.rc, self.out, self.err = list(cmd), rc, out, err
-        tail = (err or out)[-3000:]
-        super().__init__(f"{' '.join(map(str, cmd))} failed (rc={rc}):\n{tail}")
 
 
 def run_root() -> Path:
     """Short per-process state dir under /run (unix socket paths must stay < 108 bytes)."""
     return Path(f"/run/pynydus-bench/{os.getpid()}")
-
-
-def netns_prefix(netns: str | os.PathLike | None) -> list[str]:
-    """`nsenter --net=FILE` in front of a command that must run in the benchmark's network namespace."""
-    return ["nsenter", f"--net={netns}"] if netns else []
-
-
-def run(cmd: Sequence, *, check: bool = True, timeout: float | None = 600, netns=None, env=None,
-        cwd=None, input: str | None = None) -> subprocess.CompletedProcess:
-    """Run a command to completion, capturing text output; raise CommandError on failure if `check`."""
-    full = [*netns_prefix(netns), *map(str, cmd)]
-    r = subprocess.run(full, capture_output=True, text=True, errors="replace", timeout=timeout, env=env,
-                       cwd=cwd, input=input, stdin=None if input is not None else subprocess.DEVNULL)
-    if check and r.returncode != 0:
-        raise CommandError(full, r.returncode, r.stdout, r.stderr)
-    return r
 
 
 # --------------------------------------------------------------------------- cleanup
@@ -144,28 +123,6 @@ def _close_all() -> None:
 
 # --------------------------------------------------------------------------- mounts
 
-def is_mounted(path: str | os.PathLike) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
-            if mp == target:
-                return True
-    return False
-
-
-def mounts_below(path: str | os.PathLike) -> list[str]:
-    """Mount points at or below `path` (deepest last in mount order)."""
-    root = os.path.realpath(path).rstrip("/") + "/"
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
-            if (mp + "/").startswith(root):
-                out.append(mp)
-    return out
-
-
 def mount(fstype: str, source: str, target: str | os.PathLike, options: str = "") -> None:
     cmd = ["mount", "-t", fstype]
     if options:
@@ -181,18 +138,22 @@ def bind_mount(source: str | os.PathLike, target: str | os.PathLike, readonly: b
 
 def umount(target: str | os.PathLike, *, retries: int = 20) -> None:
     """Unmount `target`; retry EBUSY for a while, then detach lazily.  Not mounted: no-op."""
-    t = os.fsencode(os.path.realpath(target))
+    t = os.path.realpath(target)
     for i in range(retries):
-        if _libc.umount2(t, 0) == 0:
+        try:
+            osutil.umount2(t)
             return
-        err = ctypes.get_errno()
-        if err in (errno.EINVAL, errno.ENOENT):  # not a mount point (any more)
-            return
-        if err != errno.EBUSY:
-            break
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOENT):  # not a mount point (any more)
+                return
+            if e.errno != errno.EBUSY:
+                break
         time.sleep(0.1 * (i + 1) if i < 5 else 0.5)
-    if _libc.umount2(t, MNT_DETACH) != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
-        raise OSError(ctypes.get_errno(), f"umount {target}")
+    try:
+        osutil.umount2(t, osutil.MNT_DETACH)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOENT):
+            raise
     log.warning("%s was busy: detached lazily", target)
 
 
@@ -213,7 +174,7 @@ class LoopExt4:
 
     def create(self, cleanup: Cleanup) -> Path:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        if is_mounted(self.mountpoint):
+        if is_mountpoint(self.mountpoint):
             raise RuntimeError(f"{self.mountpoint} is already mounted (another run?)")
         self.image.unlink(missing_ok=True)
         run(["truncate", "-s", self.size, str(self.image)])
@@ -274,53 +235,3 @@ def drop_all_caches() -> None:
 
 def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def kill_pid(pid: int, *, expect: str, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
-    """Terminate one process we started (by pid), escalating to SIGKILL.
-
-    pids are recycled quickly here (pid_max 32768): a pid read from a file is only signalled while
-    its command line still contains `expect` (a path only our process has in its arguments).
-    """
-    if not expect or expect not in cmdline(pid):
-        return
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return
-        except ChildProcessError:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-        time.sleep(0.05)
-    if expect in cmdline(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)

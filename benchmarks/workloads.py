@@ -7,7 +7,6 @@ when it answers on its port.  `NAME@IMAGE` runs a workload on another image
 """
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from dataclasses import dataclass, replace
@@ -66,12 +65,6 @@ def resolve(names: list[str], extra_images: set[str] = frozenset()) -> list[Work
         w = WORKLOADS[base]
         out.append(w.on(image) if image else w)
     return out
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(port: int, deadline: float, alive=lambda: True) -> bool:

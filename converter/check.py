@@ -25,13 +25,14 @@ from rafs import blob as rblob
 from rafs.blob import ChunkEntry
 from rafs.bootstrap import Bootstrap
 from rafs.errors import FormatError, IntegrityError
+from rafs.image import media
+from rafs.image.store import ImageStore, open_store
 from rafs.tree import Inode, walk
 
 from .layer import LayerReader, buffered
 from .merge import merge_layers
 
 from .nydus_image import NydusImage, load_manifest
-from .store import MEDIA_DOCKER_LIST, MEDIA_OCI_INDEX, ImageStore, open_store
 
 BLOCK = 4096
 
@@ -230,12 +231,12 @@ def _check_blob_meta(read_at, size: int, info, name: str) -> None:
     own = rblob.read_blob_meta(read_at, size, info, name=name).entries
     for e in info.entries:
         if not 0 <= e.index < len(own):
-            raise FormatError(f"{name}: the chunk table names ci entry {e.index}, the blob has {len(own)}")
+            raise IntegrityError(f"{name}: the chunk table names ci entry {e.index}, the blob has {len(own)}")
         o = own[e.index]
         mine = (o.uncompressed_offset, o.uncompressed_size, o.compressed_offset, o.compressed_size, o.compressed)
         theirs = (e.uncompressed_offset, e.uncompressed_size, e.compressed_offset, e.compressed_size, e.compressed)
         if mine != theirs:
-            raise FormatError(f"{name}: ci entry {e.index} says (uncompressed offset, size, compressed offset, "
+            raise IntegrityError(f"{name}: ci entry {e.index} says (uncompressed offset, size, compressed offset, "
                               f"size, compressed) = {mine}, the bootstrap's chunk table {theirs}")
         if any(o.digest) and o.digest != e.digest:
             raise IntegrityError(f"{name}: chunk {e.index}'s digest in the blob ({o.digest.hex()}) is not "
@@ -280,4 +281,4 @@ def check(source: str, target: str, *, plain_http: bool = False, platform: str |
 
 
 def _is_index(desc) -> bool:
-    return desc.media_type in (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
+    return desc.media_type in media.INDEX_TYPES

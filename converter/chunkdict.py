@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 
 from rafs.bootstrap import Bootstrap
+from rafs.image.store import ImageStore, open_store
 
 from .nydus_image import load_from_store, open_local
 from .pack import ChunkDict
-from .store import ImageStore, open_store
 
 
 def load_chunk_dict(ref: str, target: ImageStore, plain_http: bool, *, digester: str | None = None,

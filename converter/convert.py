@@ -31,15 +31,16 @@ from rafs import blob as rblob
 from rafs.bootstrap import RafsMeta, write_bootstrap
 from rafs.compress import canonical_compressor, check_compressor
 from rafs.digest import check_digester
+from rafs.image import media
+from rafs.image.platform import Platform
+from rafs.image.store import Descriptor, ImageStore, open_store
 
-from . import media
 from .chunkdict import load_chunk_dict
 from .layer import LayerReader, LayerTree, buffered
 from .merge import merge_layers
 from .pack import ChunkDict, ChunkStage, PackedBlob, pack_blobs, resolve_chunks
 from .prefetch import as_patterns, expand_prefetch, prefetch_digests
 from .progress import Progress
-from .store import Descriptor, ImageStore, Platform, open_store
 
 
 @dataclass
@@ -111,7 +112,7 @@ def _convert_manifest(src: ImageStore, dst: ImageStore, desc: Descriptor, platfo
     layers = manifest["layers"]
     diff_ids = _diff_ids(config, len(layers))
     for layer in layers:
-        if layer.get("mediaType", "") in media.NYDUS_LAYER_TYPES or "containerd.io/snapshot/nydus-bootstrap" in (layer.get("annotations") or {}):
+        if layer.get("mediaType", "") in media.NYDUS_LAYER_TYPES or media.ANNOTATION_BOOTSTRAP in (layer.get("annotations") or {}):
             raise ValueError(f"{desc.digest}: source is already a nydus image")
     progress = Progress(sum(l.get("size", 0) for l in layers), enabled=opts.progress,
                         label=f"converting {platform or desc.digest[:19]}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from rafs.osutil import atomic_file, atomic_write
+
 from .nydus_image import NydusImage
 
 
@@ -19,19 +21,14 @@ def export(image: NydusImage, out_dir: str) -> list[str]:
     for i, info in enumerate(image.bootstrap.meta.blobs):
         reader = image.blob_reader(i)
         path = os.path.join(dev_dir, str(i))
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as f:
             f.truncate(info.uncompressed_size)     # sparse: only chunk data is written
             for batch in _batches(info.entries):
                 for entry, data in zip(batch, reader.read_chunks(batch)):
                     f.seek(entry.uncompressed_offset)
                     f.write(data)
-        os.replace(tmp, path)
         devices.append(path)
-    boot_path = os.path.join(out_dir, "image.boot")
-    with open(boot_path + ".tmp", "wb") as f:
-        f.write(image.raw_bootstrap)
-    os.replace(boot_path + ".tmp", boot_path)
+    atomic_write(os.path.join(out_dir, "image.boot"), image.raw_bootstrap)
     return devices
 
 

@@ -10,7 +10,9 @@ auth as convert) or `oci:DIR[:TAG]` (blobs read from the layout), or a local
 bootstrap file with `--blob-dir DIR` (blob files named by blob id, as nydusd's
 localfs backend), or a blob file carrying its own bootstrap. The mount
 is up once the bootstrap is fetched; chunks are fetched, verified and cached
-in --cache-dir when read. The daemon itself is `rafs.daemon.MountDaemon`.
+in --cache-dir when read. The daemon itself is `rafs.daemon.MountDaemon`, run by `rafs.launcher`
+(as every mount daemon); its caches are built by P2P's builder, named here (`P2P_CACHES`) and
+loaded by the launcher: the converter imports no p2p module.
 """
 from __future__ import annotations
 
@@ -18,19 +20,18 @@ import json
 import os
 
 from rafs.api import ApiClient
-from rafs.daemon import (MODES, MOUNT_CACHE_OPTIONS, MountConfig, MountDaemon, request_umount, spawn_daemon,
-                         state_paths)
 from rafs.errors import RafsError
+from rafs.image.refs import parse_ref
+from rafs.image.store import open_store
+from rafs.launcher import add_mount_options, launch, load_cache_builder
+from rafs.mounttab import request_umount, state_paths
 from rafs.storage.backend import LocalFsBackend
-from rafs.storage.factory import BackendConfig, CacheConfig, build_backend
-
-from p2p.cli import add_mount_options as add_p2p_options, mount_caches
+from rafs.storage.factory import BackendConfig, build_backend
 
 from .nydus_image import load_from_store, open_local
-from .refs import parse_ref
-from .store import open_store
 
 DEFAULT_CACHE_DIR = "/var/lib/pynydus/cache"
+P2P_CACHES = "p2p.cli:MOUNT_CACHES"      # straight to the backend, or peers first with --p2p-* options
 
 
 def add_parsers(sub, common, add_blob_dir=None) -> None:
@@ -38,17 +39,10 @@ def add_parsers(sub, common, add_blob_dir=None) -> None:
     m.add_argument("ref", help="HOST/REPO:TAG or oci:DIR[:TAG] of a converted image, or a local bootstrap "
                                "file (with --blob-dir) or blob file carrying its own bootstrap")
     m.add_argument("mountpoint")
-    m.add_argument("--mode", choices=MODES, default="auto",
-                   help="erofs: kernel EROFS over FUSE blob files; fuse: all in FUSE; "
-                        "auto (default): erofs where the kernel supports it")
-    m.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help=f"blob cache (default {DEFAULT_CACHE_DIR})")
-    m.add_argument("--prefetch-all", action="store_true", help="fetch whole blobs in the background")
     m.add_argument("--daemon", action="store_true", help="detach; return once the mount is ready")
-    m.add_argument("--pid-file", help="write the daemon's pid here")
-    m.add_argument("--run-dir", help="state directory root (default $PYNYDUS_RUN_DIR or /run/pynydus)")
     if add_blob_dir is not None:
         add_blob_dir(m)
-    add_p2p_options(m)
+    add_mount_options(m, caches=load_cache_builder(P2P_CACHES), cache_dir_default=DEFAULT_CACHE_DIR)
     common(m)
 
     u = sub.add_parser("umount", help="unmount MOUNTPOINT and stop its daemon (or clear a stale mount)")
@@ -85,46 +79,20 @@ def open_image(ref: str, *, plain_http: bool = False, platform: str | None = Non
 
 
 def _mount(args) -> int:
-    # --daemon forks and changes to "/": relative paths are taken from here, before
-    for name in ("mountpoint", "cache_dir", "run_dir", "pid_file", "blob_dir"):
-        if getattr(args, name, None):
-            setattr(args, name, os.path.abspath(getattr(args, name)))
+    # --daemon forks and changes to "/": relative paths are taken from here, before (the launcher does
+    # its own options)
+    if getattr(args, "blob_dir", None):
+        args.blob_dir = os.path.abspath(args.blob_dir)
     if os.path.isfile(args.ref):
         args.ref = os.path.abspath(args.ref)
-    paths = state_paths(args.mountpoint, args.run_dir)
-    notify = None
-    if args.daemon:
-        pid, result = spawn_daemon(paths.log)
-        if pid is not None:                       # the parent: report and return
-            ok, message = result
-            print(message, flush=True)
-            return 0 if ok else 1
-        notify = result
-    try:
-        raw, backend, desc = open_image(args.ref, plain_http=args.plain_http, platform=args.platform,
-                                        blob_dir=getattr(args, "blob_dir", None))
-        caches = mount_caches(backend, CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS), args)
-        desc["cache_dir"] = os.path.abspath(args.cache_dir)
-        try:
-            daemon = MountDaemon(raw, caches, MountConfig(
-                mountpoint=args.mountpoint, mode=args.mode, prefetch_all=args.prefetch_all,
-                run_dir=args.run_dir, pid_file=args.pid_file, description=desc))
-        except BaseException:
-            caches.close()
-            raise
-        mode = daemon.start()
-    except BaseException as e:
-        if notify:
-            notify(False, f"nydusify mount: error: {e}")
-        raise
-    message = (f"mounted {desc['ref']} at {daemon.mountpoint}: mode {mode} ({daemon.mode_reason}); "
-               f"pid {os.getpid()}, stats: nydusify stats {daemon.mountpoint}")
-    print(message, flush=True)
-    if notify:
-        notify(True, message)
-    why = daemon.run()
-    print(f"unmounted {daemon.mountpoint}: {why}", flush=True)
-    return 0
+
+    def report(daemon) -> str:
+        return (f"mounted {daemon.cfg.description['ref']} at {daemon.mountpoint}: mode {daemon.mode} "
+                f"({daemon.mode_reason}); pid {os.getpid()}, stats: nydusify stats {daemon.mountpoint}")
+    return launch(args, lambda: open_image(args.ref, plain_http=args.plain_http, platform=args.platform,
+                                           blob_dir=getattr(args, "blob_dir", None)),
+                  caches=load_cache_builder(P2P_CACHES), detach=args.daemon, report=report,
+                  error_prefix="nydusify mount")
 
 
 def _umount(args) -> int:

@@ -20,10 +20,10 @@ from rafs import blob as rblob
 from rafs.blob import BlobReader
 from rafs.bootstrap import Bootstrap
 from rafs.errors import FormatError
+from rafs.image import media
+from rafs.image.digests import is_hex_id
+from rafs.image.store import Descriptor, ImageStore, open_store
 from rafs.storage.backend import BlobBackend, LocalFsBackend
-
-from . import media
-from .store import Descriptor, ImageStore, open_store
 
 EROFS_MAGIC = (0xE0F5E1E2).to_bytes(4, "little")       # at byte 1024 of a bootstrap (the EROFS superblock)
 INLINED_BOOTSTRAP = "image.boot"                      # the ToC entry of a blob's own bootstrap
@@ -114,7 +114,7 @@ def open_local(path: str, blob_dir: str | None = None) -> NydusImage:
         if len(boot.meta.blobs) == 1:
             files[boot.meta.blobs[0].blob_id] = path
         name = os.path.basename(path)
-        if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+        if is_hex_id(name):
             files.setdefault(name, path)
         blob_dir = blob_dir or os.path.dirname(os.path.abspath(path))
     backend = LocalBlobs(blob_dir, files) if blob_dir is not None else None

@@ -41,9 +41,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from rafs.errors import BackendError, FormatError, IntegrityError
+from rafs.errors import BackendError, IntegrityError
+from rafs.image.digests import normalize_blob_id
 from rafs.storage.backend import BlobBackend, MirrorBackend, RegistryBackend
-from rafs.storage.backend.base import normalize_blob_id
 from rafs.storage.chunks import MAX_MERGE_GAP
 
 from .discovery import Discovery, Plan
@@ -412,7 +412,7 @@ class P2PBackend(BlobBackend):
             chunk = data[a - base:b - base]
             try:
                 st.verify(u, chunk)
-            except (IntegrityError, FormatError) as e:
+            except IntegrityError as e:
                 log.warning("blob sha256:%s: unit %d from %s failed verification: %s",
                             st.blob_id, u, source, e)
                 bad.append(u)

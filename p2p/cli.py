@@ -15,6 +15,8 @@ import threading
 
 import requests
 
+from rafs.launcher import CacheBuilder
+
 from .protocol import API_PREFIX, normalize_addr
 from .service import P2PConfig
 from .tracker import DEFAULT_CLAIM_TTL, DEFAULT_INTERVAL, TrackerServer, TrackerState
@@ -23,7 +25,8 @@ from .tracker import DEFAULT_CLAIM_TTL, DEFAULT_INTERVAL, TrackerServer, Tracker
 # --------------------------------------------------------------------------- for daemons
 
 def add_mount_options(parser) -> None:
-    """The P2P options of a mount daemon / snapshotter (`nydusify mount ... --p2p-listen ...`)."""
+    """The P2P options of a mount daemon (`nydusify mount ... --p2p-listen ...`, the snapshotter's
+    `python -m snapshotter.mountd`: `snapshotter.config.P2PConfig.daemon_args` writes them)."""
     g = parser.add_argument_group("p2p", "share chunks with peers (see README, P2P)")
     g.add_argument("--p2p-listen", metavar="HOST:PORT",
                    help="serve verified chunks to peers on this address")
@@ -63,6 +66,12 @@ def mount_caches(backend, cache_cfg, args):
         return build_cache_manager(cache_cfg, backend)
     from .service import p2p_cache_manager
     return p2p_cache_manager(backend, cache_cfg, p2p_cfg)
+
+
+# The cache builder of mount daemons that may share with peers (`rafs.launcher`): the P2P options, and
+# peers first when they ask for it. `nydusify mount` names it ("p2p.cli:MOUNT_CACHES"): the converter
+# does not import p2p.
+MOUNT_CACHES = CacheBuilder(build=mount_caches, add_options=add_mount_options)
 
 
 # --------------------------------------------------------------------------- nydus-peer

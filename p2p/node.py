@@ -37,7 +37,7 @@ import xxhash
 
 from rafs.blob import ChunkEntry, decode_chunk
 from rafs.errors import FormatError, IntegrityError
-from rafs.storage.backend.base import normalize_blob_id
+from rafs.image.digests import normalize_blob_id
 from rafs.storage.chunks import blob_chunks
 
 from .ranges import RangeSet
@@ -178,7 +178,9 @@ class BlobState:
         return RangeSet(self.extent(u) for u in units)
 
     def verify(self, u: int, data: bytes) -> None:
-        """Raise IntegrityError / FormatError unless `data` is unit `u`'s exact trusted bytes."""
+        """Raise IntegrityError unless `data` is unit `u`'s exact trusted bytes (the payload whose
+        plain bytes match the chunk digest in the bootstrap): `rafs.blob.decode_chunk`, the one
+        place chunks are verified, as the blob cache does."""
         decode_chunk(self._units[u], data, self.compressor, self.digester, name=self.name)
 
     # ------------------------------------------------------------------ state
@@ -220,7 +222,7 @@ class BlobState:
         elif ok:
             try:
                 self.verify(u, data)
-            except (IntegrityError, FormatError) as e:
+            except IntegrityError as e:
                 log.info("%s: stored unit %d is not good (%s); dropping it", self.name, u, e)
                 ok = False
         with self.lock:

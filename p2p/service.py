@@ -161,8 +161,8 @@ class P2PService:
                                    owns_service=owns_service,
                                    metrics=StorageMetrics(backend.source_stats),
                                    merge_size=cache.merge_size, max_inflight=cache.max_inflight,
-                                   readahead=cache.readahead, flush_interval=cache.flush_interval,
-                                   flush_chunks=cache.flush_chunks)
+                                   readahead=cache.readahead, amplify=cache.amplify,
+                                   flush_interval=cache.flush_interval, flush_chunks=cache.flush_chunks)
         except BaseException:
             backend.close()
             raise

@@ -46,7 +46,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from rafs.storage.backend.base import normalize_blob_id
+from rafs.image.digests import normalize_blob_id
 
 from .httpbase import Handler, HTTPServer
 from .protocol import API_PREFIX, normalize_addr

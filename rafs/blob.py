@@ -84,8 +84,7 @@ from .compress import (COMPRESSOR_IDS, COMPRESSOR_NAMES, canonical_compressor, c
 from .digest import DIGEST_SIZE, check_digester
 from .digest import digest as digest_of
 from .errors import FormatError, IntegrityError
-
-BLOB_MEDIA_TYPE = "application/vnd.oci.image.layer.nydus.blob.v1"
+from .image import media
 
 VIEW_ALIGN = 4096                  # uncompressed view: chunk offsets and view size
 CHUNK_SIZE_MIN = 4 << 10
@@ -353,7 +352,7 @@ class BlobSummary:
 
     @property
     def media_type(self) -> str:
-        return BLOB_MEDIA_TYPE
+        return media.NYDUS_BLOB
 
     @property
     def data_size(self) -> int:
@@ -707,7 +706,7 @@ def read_toc(read_at: ReadAt, blob_size: int, *, toc_size: int = 0,
                           f"{TOC_ENTRY_SIZE} that fits in the blob")
     total = size + TAR_HEADER_SIZE
     if toc_size and toc_size != total:
-        raise FormatError(f"{name}: the ToC is {total} bytes but the blob table says {toc_size}")
+        raise IntegrityError(f"{name}: the ToC is {total} bytes but the blob table says {toc_size}")
     if total <= tail_len:
         raw = tail[tail_len - total:]
     else:
@@ -948,7 +947,8 @@ def read_blob_meta(read_at: ReadAt, blob_size: int, info: Any, *, name: str | No
         digests = toc_member(read_at, blob_size, TOC_BLOB_DIGEST, toc, name=name)
     meta = parse_blob_meta(raw, compressor=_info(info, "compressor", "zstd"),
                            digester=_info(info, "digester"), digests=digests, name=name)
-    # nydusd's validate_header: the header must agree with the blob table.
+    # nydusd's validate_header: the header must agree with the blob table. A blob that disagrees with
+    # the (trusted) bootstrap is an IntegrityError, as a chunk that fails its digest is.
     want = {"ci_offset": ci_offset, "ci_compressed_size": ci_csize}
     if _info(info, "ci_compressed_size", 0):
         want["ci_uncompressed_size"] = _info(info, "ci_uncompressed_size", 0)
@@ -958,11 +958,11 @@ def read_blob_meta(read_at: ReadAt, blob_size: int, info: Any, *, name: str | No
         want["ci_entries"] = count
     for field, v in want.items():
         if getattr(meta, field) != v:
-            raise FormatError(f"{name}: ci header has {field} {getattr(meta, field)!r}, the blob "
+            raise IntegrityError(f"{name}: ci header has {field} {getattr(meta, field)!r}, the blob "
                               f"table says {v!r}")
     view = _info(info, "uncompressed_size")
     if view is not None and meta.uncompressed_size > align_up(view):
-        raise FormatError(f"{name}: ci entries span {meta.uncompressed_size} bytes of view, the "
+        raise IntegrityError(f"{name}: ci entries span {meta.uncompressed_size} bytes of view, the "
                           f"blob table says {view}")
     if meta.data_size > blob_size:
         raise FormatError(f"{name}: ci entries reach byte {meta.data_size} of a {blob_size}-byte "

@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import errno
 import json
-import re
 import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO, NamedTuple
@@ -42,6 +41,7 @@ from .errors import FormatError
 from .erofs import layout as L
 from .erofs.reader import ErofsImage, InodeInfo
 from .erofs.writer import build_erofs
+from .image.digests import is_hex_id
 from .tree import Inode, lookup
 
 MIN_CHUNK, MAX_CHUNK = 4096, 16 << 20
@@ -49,7 +49,6 @@ PLACEHOLDER_BLOB_ID = "x" * 64          # nydus-image's id for a blob that inlin
 RECORD_MAGIC = b"PYNYDUS\0"
 RECORD_VERSION = 1
 RECORD_HEAD = struct.Struct("<8sII")    # magic, version, JSON length
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _ZERO64 = "0" * 64
 _U32, _U64 = (1 << 32) - 1, (1 << 64) - 1
 _MAX_CHUNKS_PER_BLOB = 1 << 24          # RAFS_MAX_CHUNKS_PER_BLOB
@@ -64,7 +63,7 @@ def _align(n: int, a: int = L.BLKSZ) -> int:
 
 
 def _hex_id(value, what: str, placeholder_ok: bool = False) -> str:
-    if isinstance(value, str) and (_HEX64.fullmatch(value) or (placeholder_ok and value == PLACEHOLDER_BLOB_ID)):
+    if is_hex_id(value) or (placeholder_ok and value == PLACEHOLDER_BLOB_ID):
         return value
     raise FormatError(f"{what} must be 64 lowercase hex digits, got {value!r}")
 

@@ -23,6 +23,9 @@ and closes the cache (its state is flushed, so the next mount starts warm).
 
 Signal handlers are installed (main thread only) *before* libfuse starts:
 libfuse then leaves them alone, and the unmount order stays ours.
+
+Every entry point runs it through `rafs.launcher` (spawn, caches, start, report, run); the state
+directory and the mount table are `rafs.mounttab`'s.
 """
 from __future__ import annotations
 
@@ -41,22 +44,13 @@ from .bootstrap import Bootstrap
 from .errors import RafsError
 from .fs import RafsFs
 from .kmount import erofs_file_backed_supported, mount_erofs
-from . import mounttab
-from .mounttab import (MountBusy, _erofs_bdis, _ours, _starttime, _write_atomic, clear_stale, mountinfo,
-                       mounts_at, read_info, state_paths, unmount)
-
-# The state-dir / mount-table helpers are part of this module's API too (the snapshotter uses them).
-StatePaths, MountEntry, daemon_alive = mounttab.StatePaths, mounttab.MountEntry, mounttab.daemon_alive
-request_umount, DEFAULT_RUN_DIR = mounttab.request_umount, mounttab.DEFAULT_RUN_DIR
+from .mounttab import (MountBusy, clear_stale, erofs_bdis, is_ours, mountinfo, mounts_at, process_starttime,
+                       read_info, state_paths, unmount)
+from .osutil import atomic_write
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "fuse", "erofs")
-# Blob cache settings for mounts (rafs.storage.factory.CacheConfig keywords): no blind readahead
-# to merge_size in the cache; a miss is widened over the chunks after it by the link's measured
-# bandwidth-delay product (neighbours in a blob are usually read next; amplify.py); RafsFs reads
-# ahead of sequential streams, with big merged requests.
-MOUNT_CACHE_OPTIONS = {"readahead": False, "amplify": "auto", "merge_size": 4 << 20}
 
 
 # --------------------------------------------------------------------------- mode
@@ -135,7 +129,7 @@ class MountDaemon:
                 print(f"{self.mountpoint}: {line}", flush=True)
             self._owns_state = True
             self._write_info()
-            _write_atomic(self.paths.pid, f"{os.getpid()}\n".encode())
+            atomic_write(self.paths.pid, f"{os.getpid()}\n")
             mode, why = choose_mode(self.cfg.mode)
             if mode == "erofs":
                 try:
@@ -154,7 +148,7 @@ class MountDaemon:
             self._start_api()
             self._start_prefetch()
             if self.cfg.pid_file:
-                _write_atomic(self.cfg.pid_file, f"{os.getpid()}\n".encode())
+                atomic_write(self.cfg.pid_file, f"{os.getpid()}\n")
         except BaseException:
             self.stop()
             raise
@@ -213,21 +207,21 @@ class MountDaemon:
     def _mount_erofs(self) -> None:
         from .blobfs import BlobFsOps, blobfs_options
         from .fuse import FuseServer
-        _write_atomic(self.paths.image, self.raw, 0o600)
+        atomic_write(self.paths.image, self.raw, mode=0o600)
         os.makedirs(self.paths.blobs, mode=0o700, exist_ok=True)
         self._fuse = FuseServer(BlobFsOps(self.fs, int(self.started * 1e9)), self.paths.blobs,
                                 blobfs_options(self._fsname(), direct_io=True))
         self._fuse.start()
         devices = [os.path.join(self.paths.blobs, str(i)) for i in range(len(self.boot.meta.blobs))]
-        before = _erofs_bdis()
+        before = erofs_bdis()
         mount_erofs(self.paths.image, devices, self.mountpoint)
         self._kernel_mounted = True
-        new = _erofs_bdis() - before
+        new = erofs_bdis() - before
         if len(new) == 1:          # EROFS's own readahead sizes the (direct) reads Python sees
             self._set_read_ahead(new.pop())
 
     def _find_mount_id(self) -> int | None:
-        found = [m for m in mounts_at(self.mountpoint) if _ours(m, self.paths)]
+        found = [m for m in mounts_at(self.mountpoint) if is_ours(m, self.paths)]
         return found[-1].mount_id if found else None
 
     def _start_api(self) -> None:
@@ -297,9 +291,9 @@ class MountDaemon:
         return out
 
     def _write_info(self) -> None:
-        info = {"pid": os.getpid(), "starttime": _starttime(os.getpid()), "mode": self.mode,
+        info = {"pid": os.getpid(), "starttime": process_starttime(os.getpid()), "mode": self.mode,
                 "mountpoint": self.mountpoint, "api": self.paths.api_sock, **self.cfg.description}
-        _write_atomic(self.paths.info, json.dumps(info, sort_keys=True).encode())
+        atomic_write(self.paths.info, json.dumps(info, sort_keys=True))
 
     # ------------------------------------------------------------------ run and stop
     def run(self) -> str:
@@ -391,66 +385,3 @@ class MountDaemon:
                     pass
         if errors:
             raise errors[0]
-
-
-# --------------------------------------------------------------------------- --daemon
-
-def spawn_daemon(log_path: str) -> tuple[int | None, object]:
-    """Fork a detached daemon. Call before any thread exists.
-
-    In the child: returns (None, notify); the child calls notify(ok, message)
-    once the mount is ready (or failed). Its stdio goes to `log_path`.
-    In the parent: returns (child pid, (ok, message)) after the child
-    notified, or (pid, (False, reason)) if it died first.
-    """
-    import sys
-    sys.stdout.flush()
-    sys.stderr.flush()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        os.setsid()
-        os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
-        null = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(null, 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.close(null)
-        os.close(out)
-        os.chdir("/")
-
-        def notify(ok: bool, message: str) -> None:
-            nonlocal w
-            if w < 0:
-                return
-            try:
-                os.write(w, json.dumps({"ok": ok, "message": message}).encode())
-            finally:
-                os.close(w)
-                w = -1
-        return None, notify
-    os.close(w)
-    chunks = []
-    while True:
-        b = os.read(r, 65536)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(r)
-    try:
-        msg = json.loads(b"".join(chunks))
-        return pid, (bool(msg["ok"]), str(msg["message"]))
-    except (ValueError, KeyError, TypeError):
-        try:
-            os.waitpid(pid, os.WNOHANG)         # reap it if it is gone already
-        except ChildProcessError:
-            pass
-        tail = ""
-        try:
-            with open(log_path, errors="replace") as f:
-                tail = f.read()[-2000:]
-        except OSError:
-            pass
-        return pid, (False, f"the daemon exited before the mount was ready\n{tail}")

@@ -15,3 +15,8 @@ class IntegrityError(RafsError):
 
 class BackendError(RafsError):
     """A storage backend (registry, directory, peer) could not deliver the bytes asked for."""
+
+
+class NotFound(BackendError):
+    """The source does not have the blob, manifest or tag asked for at all (a registry's 404, a missing
+    file): never retried; a mirror falls back to the origin."""

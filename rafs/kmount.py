@@ -7,8 +7,6 @@ directly: source = the image path, data = "device=BLOB1,device=BLOB2".
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import functools
 import os
@@ -16,18 +14,11 @@ import stat
 import tempfile
 from typing import Iterator, Sequence
 
+from . import osutil
 from .erofs import layout as L
 from .erofs.writer import write_erofs
 from .errors import FormatError
 from .tree import ChunkRef, Inode, new_dir
-
-MS_RDONLY = 1
-MNT_DETACH = 2
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
 
 def _path(p) -> bytes:
     return os.fsencode(os.path.abspath(os.fspath(p)))
@@ -52,14 +43,16 @@ def mount_erofs(image, devices: Sequence, mountpoint) -> None:
         raise OSError(errno.EINVAL, f"{os.fsdecode(src)} has {expected} blob device(s), "
                       f"{len(devs)} given")
     data = b",".join(b"device=" + d for d in devs)
-    if _libc.mount(src, target, b"erofs", MS_RDONLY, data or None) != 0:
-        err = ctypes.get_errno()
+    try:
+        osutil.mount(src, target, "erofs", osutil.MS_RDONLY, data or None)
+    except OSError as e:
+        err = e.errno
         hint = {errno.ENODEV: " (no erofs in this kernel)",
                 errno.ENOTBLK: " (kernel without file-backed EROFS mounts, needs Linux >= 6.12)",
                 errno.EPERM: " (needs CAP_SYS_ADMIN)",
                 errno.EINVAL: " (see dmesg for the kernel's reason)"}.get(err, "")
         raise OSError(err, f"mount erofs {os.fsdecode(src)} on {os.fsdecode(target)} with "
-                      f"{len(devs)} device(s) failed: {os.strerror(err)}{hint}")
+                      f"{len(devs)} device(s) failed: {os.strerror(err)}{hint}") from None
 
 
 def _device_count(image: bytes) -> int | None:
@@ -75,9 +68,10 @@ def _device_count(image: bytes) -> int | None:
 def umount(mountpoint, lazy: bool = False) -> None:
     """umount2(2); `lazy` detaches now and frees when the last user goes (MNT_DETACH)."""
     target = _path(mountpoint)
-    if _libc.umount2(target, MNT_DETACH if lazy else 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"umount {os.fsdecode(target)} failed: {os.strerror(err)}")
+    try:
+        osutil.umount2(target, osutil.MNT_DETACH if lazy else 0)
+    except OSError as e:
+        raise OSError(e.errno, f"umount {os.fsdecode(target)} failed: {os.strerror(e.errno)}") from None
 
 
 @contextlib.contextmanager

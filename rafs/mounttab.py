@@ -10,7 +10,8 @@
   ("transport endpoint is not connected") is detached, EROFS first, then FUSE.
 * `request_umount`: `nydusify umount` and the snapshotter stop a daemon from outside.
 
-`rafs.daemon` re-exports all of it.
+The names in `__all__` are this module's API: the daemon (`rafs.daemon`), the launchers
+(`rafs.launcher`, `nydusify umount | stats`), the snapshotter and tests import them from here.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ from dataclasses import dataclass
 
 from .errors import RafsError
 from .kmount import umount
+from .osutil import MountEntry, mountinfo  # noqa: F401  (MountEntry, mountinfo: part of this API)
+
+__all__ = ["DEFAULT_RUN_DIR", "BUSY_GRACE", "MountBusy", "StatePaths", "run_dir", "state_paths", "read_info",
+           "process_starttime", "daemon_alive", "MountEntry", "mountinfo", "mounts_at", "erofs_bdis", "is_ours",
+           "unmount", "clear_stale", "request_umount"]
 
 log = logging.getLogger(__name__)
 
@@ -91,28 +97,17 @@ def read_info(paths: StatePaths) -> dict | None:
         return None
 
 
-def _write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- processes and mounts
 
-def _erofs_bdis() -> set[str]:
+def erofs_bdis() -> set[str]:
+    """The backing devices (/sys/class/bdi) of the EROFS mounts now (a new mount's is the one added)."""
     try:
         return {n for n in os.listdir("/sys/class/bdi") if n.startswith("erofs-")}
     except OSError:
         return set()
 
 
-def _starttime(pid: int) -> int | None:
+def process_starttime(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (tells a reused pid apart);
     None if there is no such process or it is a zombie (dead, not yet reaped)."""
     try:
@@ -130,43 +125,8 @@ def daemon_alive(info: dict | None) -> bool:
     """Whether the daemon described by `info` (info.json) is still running."""
     if not info or not isinstance(info.get("pid"), int):
         return False
-    st = _starttime(info["pid"])
+    st = process_starttime(info["pid"])
     return st is not None and st == info.get("starttime", st)
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    mount_id: int
-    target: str
-    fstype: str
-    source: str
-
-
-def _unescape(field_: str) -> str:
-    out, i = [], 0
-    while i < len(field_):
-        if field_[i] == "\\" and i + 3 < len(field_) and field_[i + 1:i + 4].isdigit():
-            out.append(chr(int(field_[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field_[i])
-            i += 1
-    return os.fsdecode("".join(out).encode("latin-1"))
-
-
-def mountinfo() -> list[MountEntry]:
-    """This mount namespace's mounts (/proc/self/mountinfo), in mount order."""
-    out = []
-    with open("/proc/self/mountinfo", encoding="latin-1") as f:
-        for line in f:
-            parts = line.split()
-            try:
-                sep = parts.index("-")
-                out.append(MountEntry(int(parts[0]), _unescape(parts[4]), parts[sep + 1],
-                                      _unescape(parts[sep + 2])))
-            except (ValueError, IndexError):
-                continue
-    return out
 
 
 def mounts_at(path: str) -> list[MountEntry]:
@@ -174,7 +134,8 @@ def mounts_at(path: str) -> list[MountEntry]:
     return [m for m in mountinfo() if m.target == target or m.target == os.path.abspath(path)]
 
 
-def _ours(m: MountEntry, paths: StatePaths) -> bool:
+def is_ours(m: MountEntry, paths: StatePaths) -> bool:
+    """Whether mount `m` is a pynydus mount (FUSE, or EROFS over the blob files of the state dir `paths`)."""
     return (m.fstype.startswith("fuse.pynydus") or m.fstype == "fuse" and m.source.startswith("pynydus")
             or m.fstype == "erofs" and m.source.startswith(paths.dir + os.sep))
 
@@ -227,7 +188,7 @@ def clear_stale(mountpoint: str, paths: StatePaths) -> list[str]:
     done = []
     for target in (mountpoint, paths.blobs):
         for _ in range(16):                     # stacked mounts: one at a time, top first
-            stale = [m for m in mounts_at(target) if _ours(m, paths)]
+            stale = [m for m in mounts_at(target) if is_ours(m, paths)]
             dead = False
             if not stale:
                 try:

@@ -85,12 +85,11 @@ RUNTIME_FILE = "runtime.json"
 def write_runtime(cfg, lazy) -> None:
     """ROOT/runtime.json: where this snapshotter serves and caches (read by `status --root`)."""
     import os
+
+    from rafs.osutil import atomic_write
     data = {"pid": os.getpid(), "address": os.path.abspath(cfg.address), "cache_dir": os.path.abspath(cfg.cache_dir),
             "run_dir": lazy.run_dir if lazy is not None else "", "mode": cfg.daemon.mode if lazy else "off"}
-    path = os.path.join(cfg.root, RUNTIME_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f)
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(cfg.root, RUNTIME_FILE), json.dumps(data))
 
 
 def _status_config(args):

@@ -35,6 +35,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Protocol
 
+from rafs.image import media
+
 from . import metastore as ms
 from .errors import AlreadyExists, SnapshotterError
 from .filters import compile_filters
@@ -44,7 +46,7 @@ from .snapshots import (LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_NYDUS
 
 log = logging.getLogger("nydus-snapshotter")
 
-BOOTSTRAP_PATH = "image/image.boot"
+BOOTSTRAP_PATH = media.BOOTSTRAP_NAME           # in the bootstrap layer's snapshot
 
 
 class LazyMounts(Protocol):

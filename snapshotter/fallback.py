@@ -31,10 +31,10 @@ def materialized(dest: Path) -> Path | None:
 def materialize(bootstrap_path: Path, image_ref: str, dest: Path, *, plain_http: bool = False,
                 docker_config_dir: str | None = None) -> tuple[Path, int]:
     """(tree dir, blob bytes downloaded)."""
-    from converter.refs import parse_ref
-    from converter.store import RegistryStore
     from rafs.blob import BlobReader
     from rafs.bootstrap import Bootstrap
+    from rafs.image.refs import parse_ref
+    from rafs.image.store import RegistryStore
 
     boot = Bootstrap.open(bootstrap_path)
     dest.mkdir(parents=True, exist_ok=True)

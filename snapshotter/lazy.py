@@ -46,11 +46,13 @@ import threading
 import time
 from pathlib import Path
 
+from rafs.osutil import is_mountpoint
+
 from . import metastore as ms
 from .config import Config
 from .errors import Unavailable
 from .fallback import materialize, materialized
-from .mounts import Layout, dir_usage, is_mountpoint, remove_dir, unmount_all
+from .mounts import Layout, dir_usage, remove_dir, unmount_all
 from .standby import StandbyPool
 
 log = logging.getLogger("nydus-snapshotter")
@@ -99,7 +101,7 @@ class RafsMounts:
         return Path(self.cfg.cache_dir) / key
 
     def state_paths(self, key: str):
-        from rafs.daemon import state_paths
+        from rafs.mounttab import state_paths
         return state_paths(str(self.mountpoint(key)), self.run_dir)
 
     def _lock(self, key: str) -> threading.Lock:
@@ -108,7 +110,7 @@ class RafsMounts:
 
     # -- health -------------------------------------------------------------------------------
     def daemon_info(self, key: str) -> dict | None:
-        from rafs.daemon import daemon_alive, read_info
+        from rafs.mounttab import daemon_alive, read_info
         info = read_info(self.state_paths(key))
         return info if daemon_alive(info) else None
 
@@ -165,7 +167,7 @@ class RafsMounts:
 
     def _fall_back(self, key: str, image_ref: str, bootstrap: Path, reason: str) -> Path:
         """The lazy mount failed: pull the image in full (blobs downloaded, tree unpacked) and use that."""
-        from converter.refs import parse_ref
+        from rafs.image.refs import parse_ref
         log.warning("image %s: cannot be served lazily (%s); falling back to a full pull", image_ref,
                     reason.splitlines()[-1] if reason else "")
         t0 = time.monotonic()
@@ -197,7 +199,7 @@ class RafsMounts:
     def _start(self, key: str, image_ref: str, bootstrap: Path, row: ms.RafsMountRow | None) -> Path:
         mnt = self.mountpoint(key)
         mnt.mkdir(parents=True, exist_ok=True)
-        from converter.refs import parse_ref
+        from rafs.image.refs import parse_ref
         host = parse_ref(image_ref).host
         launcher = list(self.cfg.daemon.command) or [sys.executable, "-m", "snapshotter.mountd"]
         standby = self._standby.take(self._standby_cmd()) if self._standby is not None else None
@@ -287,7 +289,7 @@ class RafsMounts:
 
     def _free(self, key: str) -> None:
         """Unmount, stop the daemon, delete the cache and the dirs of mount ``key``."""
-        from rafs.daemon import request_umount
+        from rafs.mounttab import request_umount
         with self._lock(key):
             with self.store.transaction() as tx:
                 row = ms.get_rafs_mount(tx, key)

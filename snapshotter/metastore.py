@@ -85,25 +85,42 @@ def now_ns() -> int:
 
 
 class MetaStore:
-    """One SQLite database; a lock makes each transaction exclusive within the process."""
+    """One SQLite database; a lock makes each transaction exclusive within the process.
+
+    Opening checks the file: one that is not this snapshotter's metadata (not SQLite, damaged,
+    another schema version) raises RuntimeError naming the file, read-only or not.
+    """
 
     def __init__(self, path, *, readonly: bool = False):
         self.path = str(path)
-        if readonly:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
-                                       isolation_level=None, timeout=30)
-        else:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            got = self._db.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()[0]
-            if int(got) != SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path}: metadata schema {got}, this snapshotter reads {SCHEMA_VERSION}")
+        try:
+            self._db = self._open(readonly)
+        except sqlite3.DatabaseError as e:
+            raise RuntimeError(f"{self.path}: not a readable snapshotter metadata database ({e})") from e
         self._lock = threading.RLock()
         self._depth = 0
+
+    def _open(self, readonly: bool) -> sqlite3.Connection:
+        if readonly:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
+                                 isolation_level=None, timeout=30)
+        else:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        try:
+            if not readonly:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA foreign_keys=ON")
+                db.executescript(_SCHEMA)
+                db.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            row = db.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
+            if row is None or row[0] != str(SCHEMA_VERSION):
+                raise RuntimeError(f"{self.path}: metadata schema {row[0] if row else 'missing'}, "
+                                   f"this snapshotter reads {SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         with self._lock:

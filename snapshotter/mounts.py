@@ -21,7 +21,6 @@ Mounts returned to containerd (what it mounts is exactly this):
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
@@ -29,6 +28,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rafs import osutil
 
 SNAPSHOTS_DIR = "snapshots"
 RAFS_DIR = "rafs"
@@ -188,23 +189,6 @@ def build_mounts(*, active: bool, upper: Path, work: Path | None, lowers: list[P
 
 # -- performing mounts (tests, the Python conformance suite, recovery checks) --------------
 
-_MS_RDONLY, _MS_BIND, _MS_REC = 1, 4096, 16384
-_MNT_DETACH = 2
-
-
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _mount(source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
-    libc = _libc()
-    rc = libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
-                    ctypes.c_ulong(flags), data.encode() if data else None)
-    if rc != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"mount {fstype} {source} on {target} ({data or ''}): {os.strerror(e)}")
-
-
 def mount_all(mounts: list[Mount], target: str | os.PathLike) -> None:
     """Mount like containerd's mount.All (bind with ro remount; overlay options over a page
     are shortened to paths relative to the lowerdirs' common parent, as containerd does)."""
@@ -212,10 +196,10 @@ def mount_all(mounts: list[Mount], target: str | os.PathLike) -> None:
     for m in mounts:
         opts = list(m.options)
         if m.type == "bind":
-            flags = _MS_BIND | (_MS_REC if "rbind" in opts else 0)
-            _mount(m.source, target, "", flags, None)
+            flags = osutil.MS_BIND | (osutil.MS_REC if "rbind" in opts else 0)
+            osutil.mount(m.source, target, "", flags, None)
             if "ro" in opts:
-                _mount("", target, "", _MS_BIND | _MS_RDONLY | 0x20, None)   # MS_REMOUNT=32
+                osutil.mount("", target, "", osutil.MS_BIND | osutil.MS_RDONLY | osutil.MS_REMOUNT, None)
             continue
         ro = "ro" in opts
         data_opts = [o for o in opts if o not in ("ro", "rw")]
@@ -223,7 +207,7 @@ def mount_all(mounts: list[Mount], target: str | os.PathLike) -> None:
         if m.type == "overlay" and len(data) >= os.sysconf("SC_PAGESIZE") - 512:
             _mount_overlay_relative(data_opts, target, ro)
             continue
-        _mount(m.source, target, m.type, _MS_RDONLY if ro else 0, data)
+        osutil.mount(m.source, target, m.type, osutil.MS_RDONLY if ro else 0, data)
 
 
 def _mount_overlay_relative(opts: list[str], target: str, ro: bool) -> None:
@@ -246,10 +230,7 @@ def _mount_overlay_relative(opts: list[str], target: str, ro: bool) -> None:
 
 
 def unmount(target: str | os.PathLike, *, lazy: bool = False) -> None:
-    libc = _libc()
-    if libc.umount2(str(target).encode(), _MNT_DETACH if lazy else 0) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"umount {target}: {os.strerror(e)}")
+    osutil.umount2(target, osutil.MNT_DETACH if lazy else 0)
 
 
 def unmount_all(target: str | os.PathLike) -> None:
@@ -264,19 +245,3 @@ def unmount_all(target: str | os.PathLike) -> None:
                 unmount(target, lazy=True)
                 continue
             raise
-
-
-def is_mountpoint(path: str | os.PathLike) -> bool:
-    p = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                if _unescape(line.split()[4]) == p:
-                    return True
-    except OSError:
-        pass
-    return False
-
-
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")

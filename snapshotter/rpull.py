@@ -5,7 +5,7 @@ lazily; this client drives containerd's gRPC API the way its unpacker does for
 CRI, with the labels a remote snapshotter needs (like stargz's ``ctr-remote
 images rpull``):
 
-1. resolve the reference in the registry (manifest and config; converter.store);
+1. resolve the reference in the registry (manifest and config; rafs.image.store);
 2. under a containerd lease, write the manifest (and index) and config into
    containerd's content store, labelled for containerd's garbage collector;
 3. per layer, in order, ``Prepare`` through **containerd's** Snapshots service
@@ -23,7 +23,6 @@ Afterwards ``ctr run --snapshotter nydus REF ID CMD`` finds the image unpacked.
 from __future__ import annotations
 
 import logging
-import platform as _platform
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from datetime import datetime, timedelta, timezone
 
 import grpc
 from google.protobuf import field_mask_pb2
+
+from rafs.image.platform import host_platform
 
 from . import errors
 from .client import SnapshotsClient, unix_channel
@@ -82,13 +83,6 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     for d in diff_ids:
         out.append(d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
     return out
-
-
-def host_platform() -> str:
-    m = _platform.machine().lower()
-    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm/v7", "ppc64le": "ppc64le",
-            "s390x": "s390x"}.get(m, m)
-    return f"linux/{arch}"
 
 
 def _image_layers_label(digests: list[str]) -> str:
@@ -199,8 +193,9 @@ class Containerd:
 
 def rpull(address: str, ref: str, *, namespace: str = "default", snapshotter: str = "nydus",
           plain_http: bool = False, platform: str | None = None) -> RpullResult:
-    from converter.refs import parse_ref
-    from converter.store import open_store
+    from rafs.image import media
+    from rafs.image.refs import parse_ref
+    from rafs.image.store import open_store
 
     t0 = time.monotonic()
     r = parse_ref(ref)
@@ -211,8 +206,7 @@ def rpull(address: str, ref: str, *, namespace: str = "default", snapshotter: st
     try:
         with open_store(r, plain_http=plain_http) as store:
             top = store.resolve()
-            from converter.store import INDEX_MEDIA_TYPES
-            if top.media_type in INDEX_MEDIA_TYPES:
+            if top.media_type in media.INDEX_TYPES:
                 entries = store.manifests_for(top, platform or host_platform())
                 if not entries:
                     raise errors.NotFound(f"{ref}: no manifest for platform {platform or host_platform()}")
@@ -250,8 +244,8 @@ def rpull(address: str, ref: str, *, namespace: str = "default", snapshotter: st
                 if lr.how == "unpacked":
                     mlabels[f"containerd.io/gc.ref.content.l.{i}"] = layer["digest"]
             ctd.write(mdesc.digest, len(manifest_bytes), [manifest_bytes], mlabels)
-            target = {"mediaType": mdesc.media_type or manifest.get("mediaType") or
-                      "application/vnd.oci.image.manifest.v1+json", "digest": mdesc.digest,
+            target = {"mediaType": mdesc.media_type or manifest.get("mediaType") or media.OCI_MANIFEST,
+                      "digest": mdesc.digest,
                       "size": len(manifest_bytes)}
             if top.digest != mdesc.digest:          # an index: keep it as the image target
                 index_bytes = store.get_bytes(top.digest)

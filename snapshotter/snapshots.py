@@ -44,6 +44,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
+from rafs.image import media
+
 from .mounts import Mount
 
 # -- labels (containerd and nydus conventions)
@@ -53,8 +55,8 @@ LABEL_CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LABEL_CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 LABEL_CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
-LABEL_NYDUS_BLOB = "containerd.io/snapshot/nydus-blob"
-LABEL_NYDUS_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
+LABEL_NYDUS_BLOB = media.ANNOTATION_BLOB                      # the layer annotations, forwarded as labels
+LABEL_NYDUS_BOOTSTRAP = media.ANNOTATION_BOOTSTRAP
 LABEL_REMOTE = "containerd.io/snapshot/remote"               # set by us on lazily "committed" layers
 LABEL_MAX_BYTES = 4096                                       # containerd's label validation limit
 

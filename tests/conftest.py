@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.registry import Registry, run_registry
+from testbed.registry import Registry, run_registry
 
 
 @pytest.fixture

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 
 import requests
 
+from rafs.image.auth import Credentials
+from rafs.image.client import BACKOFF, RETRIES, RegistryClient
+
 from .backend import BlobBackend, LocalFsBackend, MirrorBackend, RegistryBackend
 from .backend.mirror import DEFAULT_PENALTY
-from .cache import CacheManager
-from .cache.blobcache import (DEFAULT_FLUSH_CHUNKS, DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_INFLIGHT,
-                              DEFAULT_MERGE_SIZE, MERGE_SIZE_MAX, MERGE_SIZE_MIN)
+from .cache import (DEFAULT_FLUSH_CHUNKS, DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_INFLIGHT,
+                    DEFAULT_MERGE_SIZE, MERGE_SIZE_MAX, MERGE_SIZE_MIN, CacheManager)
 from .metrics import StorageMetrics
-from .registry import Credentials, RegistryClient
 
 BACKEND_KINDS = ("registry", "localfs")
 MIRROR_KINDS = ("registry", "proxy")
@@ -65,8 +66,8 @@ class BackendConfig:
     connect_timeout: float = 3.0
     read_timeout: float = 3.0                  # per socket read (a stall), not per request:
                                                # (retries + 1) x this bounds a stalled registry
-    retries: int = 3                           # retries of transient failures (origin)
-    backoff: float = 0.25                      # first retry delay, doubled each time
+    retries: int = RETRIES                     # retries of transient failures (origin)
+    backoff: float = BACKOFF                   # first retry delay, doubled each time
     mirror_retries: int = 0                    # a failing mirror falls back at once
     auth: Credentials | None = None            # None: docker's config.json
     docker_config_dir: str | None = None

@@ -1,7 +1,12 @@
 """Conformance suites: named checks every implementation of an interface must pass.
 
-* `backend_suite.BackendConformance`: every `BlobBackend` (fixture `backend_env`).
-* `cache_suite.CacheConformance`: the `BlobCache` over any backend (fixture `cache_env`).
+* `backend_suite.BackendConformance`: every `BlobBackend` (fixture `backend_env`): registry,
+  local layout and directory, mirror chain, P2P (tests/integration/test_backends.py).
+* `cache_suite.CacheConformance`: the `BlobCache` over any backend (fixture `cache_env`): a local
+  layout (tests/unit/test_cache.py), the registry, and through the P2P cache manager
+  (tests/integration/test_backends.py).
+* `snapshotter_suite.SnapshotterConformance`: the snapshotter over gRPC (fixture
+  `snapshotter_env`, tests/integration/test_snapshotter.py).
 
 A test module subclasses the suite class (pytest collects the inherited
 `test_*` methods) and provides the fixture, parametrized over its

@@ -5,6 +5,10 @@ Use: subclass `BackendConformance` in a test module and provide a
 `env.blob`, plus the id of a blob it does not hold). Parametrize the fixture
 over the implementations; test ids then read
 `TestBackendConformance::test_read_at_end[registry]`.
+
+A backend that moves whole chunks (the P2P backend: units verified one by one,
+peers asked for a little more) says so with `whole_chunks=True`: its sources
+then transfer at least, not exactly, the bytes asked for.
 """
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from rafs.errors import BackendError
-from rafs.storage.backend import BlobBackend, BlobNotFound
+from rafs.errors import BackendError, NotFound
+from rafs.storage.backend import BlobBackend
 
 from . import TestBlob
 
@@ -27,6 +31,7 @@ class BackendEnv:
     backend: BlobBackend
     blob: TestBlob
     missing_id: str = MISSING_ID
+    whole_chunks: bool = False         # reads fetch whole chunks (and maybe more) from the sources
 
 
 class BackendConformance:
@@ -83,7 +88,7 @@ class BackendConformance:
         with pytest.raises(BackendError) as ei:
             b.read_range(missing, 0, 10)
         assert missing in str(ei.value) and "not found" in str(ei.value)
-        with pytest.raises(BlobNotFound) as ei:
+        with pytest.raises(NotFound) as ei:
             b.blob_size(missing)
         assert missing in str(ei.value) and "not found" in str(ei.value)
 
@@ -125,7 +130,11 @@ class BackendConformance:
 
         before = total("bytes")
         b.read_range(blob.blob_id, 100, 1000)
-        assert total("bytes") == before + 1000
+        grew = total("bytes") - before
+        if backend_env.whole_chunks:
+            assert grew >= 1000, grew          # chunk 0 at least, however it came
+        else:
+            assert grew == 1000, grew
         assert all(isinstance(k, str) for k in b.source_stats())
 
     def test_close_twice(self, backend_env: BackendEnv):

@@ -1,9 +1,9 @@
-"""Shared test helpers.
+"""Shared test helpers (the processes tests and benchmarks both start are in `testbed`).
 
-* ``tests.helpers.registry`` -- a real docker-registry on 127.0.0.1 (``run_registry``,
-  ``Registry.access_log``), ``skopeo_copy``, ``make_htpasswd``, ``write_docker_config``.
-* ``tests.helpers.images`` -- test-image factory (OCI layouts from a declarative spec).
+* ``tests.helpers.images`` -- test images: testbed's image factory plus ready-made specs.
 * ``tests.helpers.trees`` -- tree oracle.
+* ``tests.helpers.mounts`` -- lazy mounts for tests; ``tests.helpers.nginx`` -- a pull-through cache;
+  ``tests.helpers.nydus_rules`` -- Nydus's format rules; ``tests.helpers.cri`` -- CRI calls.
 
 Import the submodule you need; this package imports nothing eagerly.
 """

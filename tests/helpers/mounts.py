@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from rafs.api import ApiClient
-from rafs.daemon import _ours, clear_stale, mounts_at, state_paths
+from rafs.mounttab import clear_stale, is_ours, mounts_at, state_paths
 from rafs.kmount import erofs_file_backed_supported
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,7 +141,7 @@ class Mounter:
                 clear_stale(str(m.path), paths)
             except Exception as e:                      # noqa: BLE001 - report, keep cleaning
                 problems.append(f"clearing {m.path}: {e}")
-            left = [x for t in (str(m.path), paths.blobs) for x in mounts_at(t) if _ours(x, paths)]
+            left = [x for t in (str(m.path), paths.blobs) for x in mounts_at(t) if is_ours(x, paths)]
             if left:
                 problems.append(f"left mounted: {left}")
         return problems
@@ -205,7 +205,7 @@ def lazy_source(tmp_path_factory) -> LazySource:
 
 def convert_into(registry, source_ref: str, repo: str, *args) -> str:
     """Push `source_ref` to `registry` as REPO-src:v1 and convert it to REPO:v1 with the CLI."""
-    from tests.helpers.registry import skopeo_copy
+    from testbed.registry import skopeo_copy
     src = f"{registry.host}/{repo}-src:v1"
     dst = f"{registry.host}/{repo}:v1"
     skopeo_copy(source_ref, f"docker://{src}")

@@ -32,23 +32,12 @@ from typing import Iterator
 
 import requests
 
-from converter.localregistry import stop_process
-from tests.helpers.registry import free_port
+from testbed.process import free_port, spawn, stop_process
 
 NGINX_BIN = shutil.which("nginx") or "/usr/sbin/nginx"
 
 _LOG_RE = re.compile(r'^(?P<method>[A-Z]+) (?P<path>\S+) (?P<status>\d{3}) (?P<bytes>\d+) '
                      r'(?P<cache>\S+) "(?P<range>[^"]*)"$')
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the test process dies without stopping us (PR_SET_PDEATHSIG)."""
-    try:
-        import ctypes
-        import signal
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
-    except Exception:
-        pass
 
 
 def available() -> str | None:
@@ -153,13 +142,7 @@ http {{
         if why:
             raise RuntimeError(why)
         self._write_config()
-        err = open(self.workdir / "stderr.log", "ab")
-        try:
-            self.proc = subprocess.Popen([NGINX_BIN, "-c", str(self.conf), "-p", str(self.workdir)],
-                                         stdout=err, stderr=err, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
-        finally:
-            err.close()
+        self.proc = spawn([NGINX_BIN, "-c", self.conf, "-p", self.workdir], self.workdir / "stderr.log")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -483,8 +483,8 @@ def _umoci_compatible_layout(layout: Path, tag: str, platform: str | None,
         l["size"] = tmp.stat().st_size
         l["mediaType"] = l["mediaType"].replace("+zstd", "+gzip")
         os.replace(tmp, _blob(scratch, l["digest"]))
-    raw = _img._canon(manifest)
-    mdigest, msize = _img._put_blob(scratch, raw)
+    raw = _img.canonical_json(manifest)
+    mdigest, msize = _img.put_blob(scratch, raw)
     new_desc = {"mediaType": _img.MEDIA_MANIFEST, "digest": mdigest, "size": msize,
                 "annotations": {_img.REF_NAME: tag}}
     (scratch / "index.json").write_text(json.dumps(

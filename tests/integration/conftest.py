@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from converter.nydus_image import load_from_store
-from converter.store import open_store
+from rafs.image.store import open_store
 from rafs.kmount import erofs_file_backed_supported, mount_erofs, umount
 from tests.helpers import images as im
 from tests.helpers import trees as tr
@@ -282,8 +282,8 @@ def containerd_unpack(tmp_path_factory, registry_session):
     """
     if os.geteuid() != 0 or shutil.which("ctr") is None or not os.path.exists("/usr/bin/containerd"):
         pytest.skip("needs root and containerd (bash .ci/setup)")
-    from tests.helpers.containerd import run_containerd, unmount_under
-    from tests.helpers.registry import skopeo_copy
+    from testbed.containerd import run_containerd, unmount_under
+    from testbed.registry import skopeo_copy
     work = tmp_path_factory.mktemp("ctd-unpack")
     with run_containerd(work / "ctd") as ctd:
         seen: dict[str, tr.Tree] = {}

@@ -1,35 +1,43 @@
 """Backends and the blob cache against a real docker-registry on 127.0.0.1.
 
 The backend conformance suite runs over every backend (registry, local OCI
-layout, plain directory, and a mirror chain whose mirror is down); the cache
-conformance suite runs over the registry. Registry-only behaviour (what the
-registry's access log shows, a registry stopped mid-read and restarted,
-mirrors that fail or serve tampered bytes) is tested below them.
+layout, plain directory, a mirror chain whose mirror is down, and the P2P
+backend in front of the registry: alone, and with a peer that holds the blob);
+the cache conformance suite runs over the registry, and through the P2P cache
+manager (what `nydusify mount --p2p-...` builds) in front of it.
+Registry-only behaviour (what the registry's access log shows, a registry
+stopped mid-read and restarted, mirrors that fail or serve tampered bytes) is
+tested below them.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
+from p2p.service import P2PConfig, P2PService, p2p_cache_manager
+
 from rafs.errors import BackendError, IntegrityError
-from rafs.storage.backend import LocalFsBackend, MirrorBackend, RegistryBackend
+from rafs.storage.backend import BlobBackend, LocalFsBackend, MirrorBackend, RegistryBackend
 from rafs.storage.cache import BlobCache
 from rafs.storage.factory import (BackendConfig, CacheConfig, MirrorConfig, StorageConfig,
                                   build_backend, build_storage)
-from rafs.storage.registry import ANONYMOUS, RegistryClient
+from rafs.image.auth import ANONYMOUS
+from rafs.image.client import RegistryClient
 
+from testbed.process import free_port
 from tests.conformance import make_blob
 from tests.conformance.backend_suite import BackendConformance, BackendEnv
 from tests.conformance.cache_suite import CacheConformance, CacheEnv
 from tests.fakes.backends import CountingBackend
 from tests.fakes.faulty_http import FaultyHTTPServer
-from tests.helpers.registry import free_port
 
 _n = itertools.count(1)
 
@@ -61,12 +69,41 @@ def _registry_backend(reg, repo, **kw) -> RegistryBackend:
 
 # --------------------------------------------------------------------------- conformance
 
-@pytest.fixture(params=["registry", "localfs-oci", "localfs-plain", "mirror-down"])
+def _p2p_backend(origin: BlobBackend, blob, store_dir: Path, services: list, **p2p) -> BlobBackend:
+    """A P2PBackend in front of `origin` that shares `blob` (as a mount daemon's does once the
+    blob's cache is open); its service is appended to `services` (close after the backend)."""
+    svc = P2PService(P2PConfig(**p2p), store_dir)
+    services.append(svc)
+    backend = svc.backend(origin)
+    svc.node.expect(blob.info)
+    return backend
+
+
+def _seed_peer(reg, repo: str, blob, root: Path, services: list) -> str:
+    """A peer that read the whole blob through its P2P cache (so it holds and serves every
+    chunk); returns its address."""
+    svc = P2PService(P2PConfig(listen="127.0.0.1:0"), root / "p2p")
+    services.append(svc)
+    with svc.cache_manager(_registry_backend(reg, repo), CacheConfig(dir=str(root / "cache"))) as mgr:
+        assert mgr.open(blob.info).read(0, len(blob.view)) == blob.view
+    return svc.address
+
+
+@pytest.fixture(params=["registry", "localfs-oci", "localfs-plain", "mirror-down", "p2p", "p2p-peer"])
 def backend_env(request, registry_session, tmp_path) -> BackendEnv:
     blob = make_blob(10_000 + next(_n), chunks=24)   # seeds apart from every other test's
     kind = request.param
+    services: list[P2PService] = []
     if kind == "registry":
         backend = _registry_backend(registry_session, _push(registry_session, blob))
+    elif kind == "p2p":                               # nobody else has it: units from the registry
+        repo = _push(registry_session, blob)
+        backend = _p2p_backend(_registry_backend(registry_session, repo), blob, tmp_path / "p2p", services)
+    elif kind == "p2p-peer":                          # a peer holds every chunk: units from it
+        repo = _push(registry_session, blob)
+        peer = _seed_peer(registry_session, repo, blob, tmp_path / "seed", services)
+        backend = _p2p_backend(_registry_backend(registry_session, repo), blob, tmp_path / "p2p", services,
+                               peers=[peer])
     elif kind == "mirror-down":
         repo = _push(registry_session, blob)
         dead = RegistryBackend(_client(f"127.0.0.1:{free_port()}", repo, retries=0))
@@ -77,8 +114,10 @@ def backend_env(request, registry_session, tmp_path) -> BackendEnv:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(blob.data)
         backend = LocalFsBackend(tmp_path)
-    yield BackendEnv(backend, blob)
+    yield BackendEnv(backend, blob, whole_chunks=kind.startswith("p2p"))
     backend.close()
+    for svc in services:
+        svc.close()
 
 
 class TestBackendConformance(BackendConformance):
@@ -97,6 +136,65 @@ def cache_env(registry_session, tmp_path) -> CacheEnv:
 
 class TestCacheOverRegistry(CacheConformance):
     """The cache suite with a real registry behind the cache."""
+
+
+class _MountedCache:
+    """A cache opened through a cache manager that serves one mount: closing the cache closes the
+    manager (as the mount going away does), so the next open is a fresh daemon's."""
+
+    def __init__(self, manager, cache):
+        self.manager, self.cache = manager, cache
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+    def close(self) -> None:
+        try:
+            self.cache.close()
+        finally:
+            self.manager.close()
+
+    def __enter__(self) -> "_MountedCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclasses.dataclass
+class P2PCacheEnv(CacheEnv):
+    """Caches opened by the P2P cache manager `nydusify mount --p2p-...` builds (p2p_cache_manager:
+    a P2PBackend in front of a fresh origin, the blob registered with the node before the cache
+    fetches anything). The spy stands where the suite expects it, between the cache and its
+    backend (here the P2PBackend), so it counts what the cache asks for."""
+    make_origin: Callable[[], BlobBackend] | None = None
+
+    def open(self, info=None, **kw) -> _MountedCache:
+        opts = {"merge_size": 1 << 20, **self.options, **kw}
+        mgr = p2p_cache_manager(self.make_origin(), CacheConfig(dir=str(self.cache_dir), **opts),
+                                P2PConfig(listen="127.0.0.1:0"))
+        self.spy.inner, mgr.backend = mgr.backend, self.spy      # closing the manager closes it
+        try:
+            return _MountedCache(mgr, mgr.open(info if info is not None else self.blob.info))
+        except BaseException:
+            mgr.close()
+            raise
+
+
+class TestCacheOverP2P(CacheConformance):
+    """The cache suite through the P2P cache manager, the registry behind it."""
+
+    @pytest.fixture
+    def cache_env(self, registry_session, tmp_path) -> CacheEnv:
+        blob = make_blob(25_000 + next(_n))   # (tamper tests flip bytes in the shared registry)
+        repo = _push(registry_session, blob)
+        data = registry_session.blob_data_path(blob.digest)
+
+        def origin() -> BlobBackend:
+            return _registry_backend(registry_session, repo, retries=0)
+        spy = CountingBackend(origin())
+        yield P2PCacheEnv(blob, spy, tmp_path / "cache", lambda off: _flip(data, off), make_origin=origin)
+        spy.close()
 
 
 # --------------------------------------------------------------------------- registry specifics

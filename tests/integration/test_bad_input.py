@@ -256,7 +256,7 @@ def test_chunk_table_that_disagrees_with_the_blob_is_caught(busybox_image, conve
     import dataclasses
     from converter.check import verify_blobs
     from converter.nydus_image import load_from_store
-    from converter.store import open_store
+    from rafs.image.store import open_store
     conv = convert_once(busybox_image)
     with open_store(conv.ref) as store:
         image = load_from_store(store)
@@ -264,7 +264,7 @@ def test_chunk_table_that_disagrees_with_the_blob_is_caught(busybox_image, conve
         info = image.bootstrap.meta.blobs[0]
         assert len(info.entries) > 1
         info.entries[0] = dataclasses.replace(info.entries[0], index=info.entries[1].index)
-        with pytest.raises(FormatError, match=f"blob sha256:{info.blob_id}: ci entry {info.entries[1].index} says"):
+        with pytest.raises(IntegrityError, match=f"blob sha256:{info.blob_id}: ci entry {info.entries[1].index} says"):
             verify_blobs(image)
 
 

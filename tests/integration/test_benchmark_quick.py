@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import report
+from rafs.osutil import mounts_below
 from tests.helpers import images as im
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,12 +31,6 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
     pytest.mark.skipif(not os.path.isfile("/bin/busybox"), reason="needs busybox-static"),
 ]
-
-
-def _mounts_below(path: Path) -> list[str]:
-    root = str(path.resolve()) + "/"
-    with open("/proc/self/mountinfo") as f:
-        return [l.split()[4] for l in f if (l.split()[4] + "/").startswith(root)]
 
 
 def test_quick_suite_on_busybox(tmp_path):
@@ -58,7 +53,7 @@ def test_quick_suite_on_busybox(tmp_path):
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     assert elapsed < 90, f"the quick suite took {elapsed:.0f} s"
-    assert not _mounts_below(tmp_path), _mounts_below(tmp_path)
+    assert not mounts_below(tmp_path), mounts_below(tmp_path)
     assert not list((tmp_path / "wd").glob("netns/*"))              # loopback: no namespace; none left
 
     rows = json.loads((out / "results.json").read_text())

@@ -25,9 +25,9 @@ from converter.convert import ConvertOptions, convert
 from snapshotter.snapshots import (LABEL_CRI_IMAGE_LAYERS, LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST,
                                    LABEL_CRI_MANIFEST_DIGEST, LABEL_NYDUS_BLOB, LABEL_REMOTE, LABEL_SNAPSHOT_REF)
 from tests.helpers import images as im
-from tests.helpers.containerd import Containerd, SnapshotterProcess, mounts_under, unmount_under
+from testbed.containerd import Containerd, SnapshotterProcess, mounts_under, unmount_under
 from tests.helpers.cri import CRI_NAMESPACE, CriClient
-from tests.helpers.registry import skopeo_copy
+from testbed.registry import skopeo_copy
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="containerd, runc and mounts need root"),
@@ -63,7 +63,7 @@ def images(registry_session, tmp_path_factory) -> Images:
     repo = f"ctd-{uuid.uuid4().hex[:8]}"
     skopeo_copy(layout.ref, f"docker://{host}/{repo}:oci")
     convert(layout.ref, f"{host}/{repo}:nydus", ConvertOptions(plain_http=True, chunk_size=64 << 10))
-    from converter.store import open_store
+    from rafs.image.store import open_store
     with open_store(f"{host}/{repo}:nydus", plain_http=True) as store:
         manifest = json.loads(store.get_bytes(store.resolve().digest))
     layers = manifest["layers"]

@@ -19,7 +19,7 @@ import requests
 from rafs.bootstrap import Bootstrap
 from tests.helpers import images as im
 from tests.helpers import trees as tr
-from tests.helpers.registry import skopeo_copy
+from testbed.registry import skopeo_copy
 
 from .conftest import KiB, exported_devices, nydusify, reader_tree
 

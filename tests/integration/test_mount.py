@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from rafs.daemon import _ours, mounts_at
+from rafs.mounttab import is_ours, mounts_at
 from rafs.storage.cache.amplify import AMPLIFY_DEFAULT
 from tests.helpers import trees as tr
 from tests.helpers.mounts import (LAZY_CHUNK, MODES, blob_digests, convert_into, data_gets,  # noqa: F401
@@ -69,7 +69,7 @@ def test_tree_equals_umoci_unpack(mode, mounter, awkward_ref, awkward_tree):
 
     m.umount()
     assert not m.alive()
-    assert not [x for x in mounts_at(str(m.path)) + mounts_at(m.state.blobs) if _ours(x, m.state)]
+    assert not [x for x in mounts_at(str(m.path)) + mounts_at(m.state.blobs) if is_ours(x, m.state)]
     assert not os.path.exists(m.state.api_sock)
 
 
@@ -229,12 +229,12 @@ def test_sigkilled_daemon_does_not_block_the_next_mount(mode, mounter, lazy_ref,
     m2 = mounter.mount(lazy_ref, mode=mode, mountpoint=m.path, cache_dir=m.cache_dir)
     assert (m2.path / "data" / "r3").read_bytes() == lazy_source.expected("data/r3")
     assert (m2.path / "etc" / "small.txt").read_bytes() == lazy_source.expected("etc/small.txt")
-    ours = [x for x in mounts_at(str(m2.path)) if _ours(x, m2.state)]
+    ours = [x for x in mounts_at(str(m2.path)) if is_ours(x, m2.state)]
     assert len(ours) == 1, ours                          # the stale mount is gone, not stacked under
     assert "cleared stale" in mounter.daemon_log(m2.path)
 
     m2.umount()
-    assert not [x for x in mounts_at(str(m2.path)) + mounts_at(m2.state.blobs) if _ours(x, m2.state)]
+    assert not [x for x in mounts_at(str(m2.path)) + mounts_at(m2.state.blobs) if is_ours(x, m2.state)]
 
 
 def test_mount_refuses_a_live_mountpoint_and_umount_of_nothing_fails(mounter, lazy_ref):
@@ -258,7 +258,7 @@ def test_foreground_daemon_stops_cleanly(mode, how, tmp_path, lazy_ref, lazy_sou
     import subprocess
     import sys
 
-    from rafs.daemon import clear_stale, state_paths
+    from rafs.mounttab import clear_stale, state_paths
     from rafs.kmount import umount
     from tests.helpers.mounts import REPO
 
@@ -281,7 +281,7 @@ def test_foreground_daemon_stops_cleanly(mode, how, tmp_path, lazy_ref, lazy_sou
         assert proc.wait(30) == 0, proc.stderr.read()
         out = proc.stdout.read()
         assert "unmounted" in out and (how in out or "externally" in out), out
-        assert not [x for x in mounts_at(str(mnt)) + mounts_at(paths.blobs) if _ours(x, paths)]
+        assert not [x for x in mounts_at(str(mnt)) + mounts_at(paths.blobs) if is_ours(x, paths)]
         for p in (paths.pid, paths.info, paths.api_sock, paths.image):
             assert not os.path.exists(p), p
     finally:

@@ -3,9 +3,9 @@ tracker process, real mounts (the rafs mount daemon, FUSE / EROFS), bytes counte
 registry's access log.
 
 Each node is `nydusify mount REF MNT --p2p-...`; a node that serves corrupted bytes runs the
-same daemon through tests/helpers/p2pcluster.py with the fault injected.
+same daemon through testbed/p2pcluster.py with the fault injected.
 
-Topology (tests/helpers/netns.py): the registry listens on the host's veth address, the tracker
+Topology (testbed/netns.py): the registry listens on the host's veth address, the tracker
 runs in the hub namespace, node i in namespace i at 10.213.K.(10+i); nothing else on the host
 changes. The test process reads the mounted files (FUSE requests go to the daemons).
 """
@@ -20,14 +20,14 @@ import time
 
 import pytest
 
-from tests.helpers.p2pcluster import (REPO, MiB, Cluster, _n, build_image, convert_push, egress,
-                                      in_parallel, p2p_args)
+from testbed.p2pcluster import (REPO, MiB, Cluster, build_image, convert_push, egress, in_parallel,
+                                next_serial, p2p_args)
 
 
 # =========================================================================== fixtures
 
 def _skip_reason() -> str | None:
-    from tests.helpers import netns
+    from testbed import netns
     why = netns.available()
     if why:
         return why
@@ -43,7 +43,7 @@ def lab():
     why = _skip_reason()
     if why:
         pytest.skip(why)
-    from tests.helpers.netns import NetLab
+    from testbed.netns import NetLab
     with NetLab(nodes=4) as lab:
         yield lab
 
@@ -51,14 +51,8 @@ def lab():
 @pytest.fixture(scope="module")
 def lab_registry(lab, tmp_path_factory):
     """A docker-registry on the host's lab address (reachable from every node namespace)."""
-    from tests.helpers.registry import Registry
-
-    class LabRegistry(Registry):
-        @property
-        def host(self) -> str:
-            return f"{lab.host_ip}:{self.port}"
-
-    reg = LabRegistry(tmp_path_factory.mktemp("p2p-registry"))
+    from testbed.registry import Registry
+    reg = Registry(tmp_path_factory.mktemp("p2p-registry"), ip=lab.host_ip)
     reg.start()
     yield reg
     reg.stop()
@@ -83,7 +77,7 @@ def images(lab_registry, tmp_path_factory):
 @pytest.fixture
 def tracker(lab):
     """A `nydus-peer tracker` process in the hub namespace; stoppable by the test."""
-    port = 7000 + next(_n)
+    port = 7000 + next_serial()
     proc = lab.popen("hub", [sys.executable, "-m", "p2p.cli", "tracker", "--listen",
                              f"{lab.hub_ip}:{port}", "--interval", "1"],
                      cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),

@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 
 from converter.nydus_image import load_from_store
-from converter.store import open_store
 from p2p.service import P2PConfig, P2PService
+from rafs.image.auth import ANONYMOUS, Credentials
+from rafs.image.client import RegistryClient
+from rafs.image.store import open_store
 from rafs.storage.factory import BackendConfig, CacheConfig, MirrorConfig, build_backend
-from rafs.storage.registry import ANONYMOUS, Credentials, RegistryClient
 from tests.helpers import nginx
-from tests.helpers.registry import free_port, run_registry
+from testbed.process import free_port
+from testbed.registry import run_registry
 from tests.integration.test_p2p_cluster import build_image, convert_push
 
 _n = itertools.count(1)
@@ -136,7 +138,7 @@ def test_registry_credentials_never_reach_peers(tmp_path):
         image, _ = build_image(tmp_path / "src", seed=7, files=2, size=1 << 20)
         repo = "p2p/private"
         env = dict(os.environ, DOCKER_CONFIG=str(tmp_path / "docker"))
-        from tests.helpers.registry import write_docker_config
+        from testbed.registry import write_docker_config
         write_docker_config(tmp_path / "docker", {reg.host: ("alice", secret)})
         import subprocess
         import sys

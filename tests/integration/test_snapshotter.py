@@ -15,7 +15,7 @@ from snapshotter.errors import AlreadyExists, NotFound
 from snapshotter.snapshots import (LABEL_CRI_IMAGE_REF, LABEL_NYDUS_BLOB, LABEL_REMOTE, LABEL_SNAPSHOT_REF,
                                    Kind)
 from tests.conformance.snapshotter_suite import SnapshotterConformance, SnapshotterEnv
-from tests.helpers.containerd import SnapshotterProcess, unmount_under
+from testbed.containerd import SnapshotterProcess, unmount_under
 
 
 @pytest.fixture(params=["inprocess", "grpc"])

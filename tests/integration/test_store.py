@@ -17,27 +17,16 @@ import tracemalloc
 
 import pytest
 
-from converter.refs import RefError, parse_ref
-from converter.store import (
-    MEDIA_OCI_INDEX,
-    MEDIA_OCI_MANIFEST,
-    OciLayoutStore,
-    Platform,
-    RegistryStore,
-    open_store,
-)
-from rafs.errors import BackendError, FormatError, IntegrityError
-from rafs.storage.registry import (
-    ANONYMOUS,
-    Credentials,
-    NotFound,
-    RegistryClient,
-    load_docker_credentials,
-    parse_www_authenticate,
-    sha256_digest,
-)
+from rafs.errors import BackendError, FormatError, IntegrityError, NotFound
+from rafs.image.auth import ANONYMOUS, Credentials, load_docker_credentials, parse_www_authenticate
+from rafs.image.client import RegistryClient
+from rafs.image.digests import sha256_digest
+from rafs.image.media import OCI_INDEX, OCI_MANIFEST
+from rafs.image.platform import Platform
+from rafs.image.refs import RefError, parse_ref
+from rafs.image.store import OciLayoutStore, RegistryStore, open_store
 from tests.fakes.token_proxy import TokenProxy
-from tests.helpers.registry import run_registry, skopeo_copy, write_docker_config
+from testbed.registry import run_registry, skopeo_copy, write_docker_config
 
 import gzip
 import io
@@ -76,13 +65,13 @@ def build_image(store, layers: list[dict[str, bytes]], platform="linux/amd64", t
     for b in blobs:
         store.put_bytes(sha256_digest(b), b)
     manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": MEDIA_OCI_MANIFEST,
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                    "digest": sha256_digest(config), "size": len(config)},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                     "digest": sha256_digest(b), "size": len(b)} for b in blobs],
     }).encode()
-    (store.tag if tag else store.put_manifest)(manifest, MEDIA_OCI_MANIFEST)
+    (store.tag if tag else store.put_manifest)(manifest, OCI_MANIFEST)
     return Img(manifest, config, list(blobs), platform)
 
 
@@ -91,9 +80,9 @@ def index_of(imgs: list[Img]) -> bytes:
     for im in imgs:
         p = im.platform.split("/")
         plat = {"architecture": p[1], "os": p[0], **({"variant": p[2]} if len(p) > 2 else {})}
-        ents.append({"mediaType": MEDIA_OCI_MANIFEST, "digest": im.digest, "size": len(im.manifest),
+        ents.append({"mediaType": OCI_MANIFEST, "digest": im.digest, "size": len(im.manifest),
                      "platform": plat})
-    return json.dumps({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": ents}).encode()
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": ents}).encode()
 
 
 @pytest.fixture
@@ -189,7 +178,7 @@ def test_push_pull_blobs_and_manifests(reg, repo):
         assert [e.method for e in reg.access_log(mark)] == ["HEAD", "HEAD"]
 
         desc = s.resolve()
-        assert (desc.media_type, desc.digest, desc.size) == (MEDIA_OCI_MANIFEST, img.digest, len(img.manifest))
+        assert (desc.media_type, desc.digest, desc.size) == (OCI_MANIFEST, img.digest, len(img.manifest))
         assert s.get_bytes(desc.digest) == img.manifest
         m = s.get_json(desc.digest)
         assert s.get_bytes(m["config"]["digest"]) == img.config
@@ -197,9 +186,9 @@ def test_push_pull_blobs_and_manifests(reg, repo):
             with s.open_blob(ld["digest"]) as f:
                 assert f.read() == data
         # untagged manifest by digest
-        other = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_OCI_MANIFEST, "config": m["config"],
+        other = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": m["config"],
                             "layers": m["layers"][:1]}).encode()
-        d2 = s.put_manifest(other, MEDIA_OCI_MANIFEST)
+        d2 = s.put_manifest(other, OCI_MANIFEST)
         assert d2 == sha256_digest(other)
         with open_store(f"{reg.host}/{repo}@{d2}", plain_http=True) as s2:
             assert s2.resolve().digest == d2
@@ -288,7 +277,7 @@ def test_oci_layout_roundtrip_through_skopeo(reg, repo, tmp_path):
     skopeo_copy(f"oci:{layout}:v1", f"docker://{reg.host}/{repo}:v1")
     with _rstore(reg, repo) as r:
         d = r.resolve()
-        assert d.digest == img.digest and d.media_type == MEDIA_OCI_MANIFEST
+        assert d.digest == img.digest and d.media_type == OCI_MANIFEST
         assert r.get_bytes(d.digest) == img.manifest
         m = r.get_json(d.digest)
         assert r.get_bytes(m["config"]["digest"]) == img.config
@@ -322,7 +311,7 @@ def test_oci_layout_read_by_umoci(tmp_path):
     subprocess.run(["umoci", "new", "--image", f"{ul}:empty"], check=True, capture_output=True)
     with open_store(f"oci:{ul}:empty") as s:
         [(plat, md)] = s.manifests_for(s.resolve())
-        assert plat.os == "linux" and md.media_type == MEDIA_OCI_MANIFEST
+        assert plat.os == "linux" and md.media_type == OCI_MANIFEST
 
 
 def test_oci_layout_tags_and_resolution(tmp_path):
@@ -356,14 +345,14 @@ def test_multi_platform_index(reg, repo, tmp_path):
         a = build_image(oci, [{"f": b"amd"}], platform="linux/amd64", tag=False)
         b = build_image(oci, [{"f": b"arm"}], platform="linux/arm64/v8", tag=False)
         idx = index_of([a, b])
-        oci.tag(idx, MEDIA_OCI_INDEX)
+        oci.tag(idx, OCI_INDEX)
         top = oci.resolve()
-        assert top.media_type == MEDIA_OCI_INDEX
+        assert top.media_type == OCI_INDEX
         assert [str(p) for p, _ in oci.manifests_for(top)] == ["linux/amd64", "linux/arm64/v8"]
     skopeo_copy(f"oci:{layout}:m", f"docker://{reg.host}/{repo}:m", all_images=True)
     with _rstore(reg, repo, "m") as r:
         top = r.resolve()
-        assert top.media_type == MEDIA_OCI_INDEX and top.digest == sha256_digest(idx)
+        assert top.media_type == OCI_INDEX and top.digest == sha256_digest(idx)
         assert [d.digest for _, d in r.manifests_for(top)] == [a.digest, b.digest]
         [(plat, md)] = r.manifests_for(top, "linux/arm64")
         assert str(plat) == "linux/arm64/v8" and r.get_bytes(md.digest) == b.manifest
@@ -503,10 +492,10 @@ def test_cross_repository_mount(reg, repo):
         assert dst.mount_blob(dg, src.repo) is True
         assert dst.head_blob(dg) == len(data) and dst.get_blob(dg) == data
         assert dst.mount_blob("sha256:" + "e" * 64, src.repo) is False
-        dst.put_manifest("v1", json.dumps({"schemaVersion": 2, "mediaType": MEDIA_OCI_MANIFEST,
+        dst.put_manifest("v1", json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                                            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                                                       "digest": dg, "size": len(data)},
-                                           "layers": []}).encode(), MEDIA_OCI_MANIFEST)
+                                           "layers": []}).encode(), OCI_MANIFEST)
         digest, size = dst.head_manifest("v1")
         assert dst.get_manifest("v1")[2] == digest and size > 0
         assert dst.head_manifest("nope") is None

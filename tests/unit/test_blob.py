@@ -23,6 +23,7 @@ from rafs.blob import (CHUNK_SIZE_DEFAULT, FLAG_COMPRESSED, BlobReader, BlobWrit
 from rafs.compress import COMPRESSORS, compress, decompress
 from rafs.digest import DIGESTERS, DigesterUnavailable, digest
 from rafs.errors import FormatError, IntegrityError, RafsError
+from rafs.image import media
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared/fixtures/nydus"
 TOC_BLOB = FIXTURES / "toc/2fa78cad554b75ac91a4a125ed148d0ddeb25efa4aaa8bd80e5dc292690a4dca"
@@ -104,7 +105,7 @@ def test_nydus_constants():
     assert B.FLAG_COMPRESSED == 1 and B.KNOWN_FLAGS == 1 and B.VIEW_ALIGN == 4096
     assert B.TOC_ENTRY_SIZE == 128 and B.CI_HEADER_SIZE == 4096
     assert B.CI_V1_SIZE == 16 and B.CI_V2_SIZE == 24
-    assert B.BLOB_MEDIA_TYPE == "application/vnd.oci.image.layer.nydus.blob.v1"
+    assert media.NYDUS_BLOB == "application/vnd.oci.image.layer.nydus.blob.v1"
     for gone in ("BLOB_MAGIC", "FOOTER", "Footer", "read_footer", "parse_toc", "pack_toc",
                  "TOC_ENTRY_SIZE_OLD", "FOOTER_SIZE"):
         assert not hasattr(B, gone), gone
@@ -685,7 +686,7 @@ def test_tampered_toc_ci_header_and_digests(good):
 def test_ci_header_disagreeing_with_the_blob_table(good):
     blob, entries, s, _ = good
     for field, value in [("chunk_count", 4), ("ci_uncompressed_size", 64), ("ci_compressor", "zstd")]:
-        with pytest.raises(FormatError, match="blob table"):
+        with pytest.raises(IntegrityError, match="blob table"):     # the blob disagrees with the bootstrap
             read_blob_meta(at(blob), len(blob), dataclasses.replace(s, **{field: value}))
     with pytest.raises(FormatError, match="magic"):
         read_blob_meta(at(blob), len(blob), dataclasses.replace(s, ci_offset=s.ci_offset - 16))
@@ -730,7 +731,7 @@ def test_bad_toc_entries(good):
     struct.pack_into("<Q", bad, start + 128 * 3 + 56, len(blob))               # past the end
     with pytest.raises(FormatError, match="runs past"):
         read_toc(at(bytes(bad)), len(bad))
-    with pytest.raises(FormatError, match="blob table says"):
+    with pytest.raises(IntegrityError, match="blob table says"):
         read_toc(at(blob), len(blob), toc_size=s.blob_toc_size + 128)
     with pytest.raises(FormatError, match="no 'nope' member"):
         toc_member(at(blob), len(blob), "nope")

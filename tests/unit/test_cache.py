@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from rafs.errors import BackendError, FormatError, IntegrityError
-from rafs.storage.backend import (BlobBackend, BlobNotFound, LocalFsBackend, MirrorBackend,
-                                  RetryPolicy, TransientBackendError, normalize_blob_id)
-from rafs.storage.cache import BlobCache, CacheInUse, CacheManager, ChunkMap, ChunkMapError
-from rafs.storage.cache.blobcache import DemandGate
+from rafs.errors import BackendError, FormatError, IntegrityError, NotFound
+from rafs.image.digests import normalize_blob_id
+from rafs.storage.backend import (BlobBackend, LocalFsBackend, MirrorBackend, RetryPolicy,
+                                  TransientBackendError)
+from rafs.storage.cache import (BlobCache, CacheInUse, CacheManager, ChunkMap, ChunkMapError,
+                                DemandGate)
 from rafs.storage.cache.state import CHUNKMAP_HEADER_SIZE, file_size
 from rafs.storage.factory import (BackendConfig, CacheConfig, MirrorConfig, StorageConfig,
                                   build_backend, build_storage)
@@ -176,7 +177,7 @@ class _Flaky(BlobBackend):
         return bytes(size)
 
     def _blob_size(self, blob_id):
-        raise BlobNotFound("flaky: none")
+        raise NotFound("flaky: none")
 
 
 def test_transient_errors_are_retried_with_backoff():
@@ -190,7 +191,7 @@ def test_transient_errors_are_retried_with_backoff():
 
 def test_not_found_is_not_retried():
     b = _Flaky(0)
-    with pytest.raises(BlobNotFound):
+    with pytest.raises(NotFound):
         b.blob_size("ab" * 32)
 
 
@@ -348,7 +349,7 @@ def test_other_compressors_and_digesters(tmp_path, compressor, digester):
 def test_unwritable_cache_still_serves_verified_bytes(tmp_path, monkeypatch, caplog):
     import errno
     import os as _os
-    from rafs.storage.cache import blobcache
+    from rafs.storage.cache import files
     blob = make_blob(41, chunks=6)
     _store(tmp_path / "layout", blob)
     real_pwrite = _os.pwrite
@@ -357,10 +358,10 @@ def test_unwritable_cache_still_serves_verified_bytes(tmp_path, monkeypatch, cap
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with BlobCache(tmp_path / "cache", blob.info, LocalFsBackend(tmp_path / "layout")) as c:
-        monkeypatch.setattr(blobcache.os, "pwrite", full)
+        monkeypatch.setattr(files.os, "pwrite", full)
         assert c.read(100, len(blob.view) - 200) == blob.view[100:-100]
         assert c.usage()["chunks_ready"] == 0
-        monkeypatch.setattr(blobcache.os, "pwrite", real_pwrite)
+        monkeypatch.setattr(files.os, "pwrite", real_pwrite)
         assert c.read(0, len(blob.view)) == blob.view
         assert c.usage()["complete"]
     assert any("cannot write chunk" in r.getMessage() for r in caplog.records)

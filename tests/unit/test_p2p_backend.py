@@ -17,8 +17,8 @@ from rafs.storage.backend import LocalFsBackend
 from rafs.storage.factory import CacheConfig
 from tests.conformance import make_blob
 from tests.fakes.backends import CountingBackend
-from tests.helpers.p2pcluster import in_parallel
-from tests.helpers.registry import free_port
+from testbed.p2pcluster import in_parallel
+from testbed.process import free_port
 
 
 class Node:

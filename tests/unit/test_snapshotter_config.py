@@ -5,7 +5,7 @@ import pytest
 
 from p2p.cli import add_mount_options, mount_config
 from snapshotter.config import load_config
-from snapshotter.mountd import _parser as mountd_parser
+from snapshotter.mountd import build_parser as mountd_parser
 
 
 def _write(tmp_path, text):

@@ -11,7 +11,7 @@ sha256 of the whole blob, i.e. its OCI digest without "sha256:"; the
   the bytes inside `wanted` (the chunks a merged request is for) must be the
   blob's; the rest may be anything. The default is `read_range`; the P2P
   backend fills the rest with zeros instead of fetching bytes nobody reads.
-* `blob_size(blob_id)`: the blob's size in bytes (`BlobNotFound` if absent).
+* `blob_size(blob_id)`: the blob's size in bytes (`rafs.errors.NotFound` if absent).
 
 Backends do not verify anything: a range has no digest of its own. The blob
 cache checks every chunk against its digest in the bootstrap's chunk table
@@ -31,41 +31,19 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from rafs.errors import BackendError
+from rafs.image.digests import normalize_blob_id
 
 from ..metrics import SourceCounters
 
 log = logging.getLogger(__name__)
 
-_HEX_ID_RE = re.compile(r"[0-9a-f]{64}")
-
-
-class BlobNotFound(BackendError):
-    """The backend does not have the blob at all (never retried; a mirror falls back to the origin)."""
-
-
 class TransientBackendError(BackendError):
     """A failure worth another try (I/O hiccup, refused or reset connection, 5xx, timeout)."""
-
-
-def normalize_blob_id(blob_id: str) -> str:
-    """'sha256:<hex>' or '<hex>' -> lowercase hex; ValueError for anything else.
-
-    Blob ids end up in file names and URLs, so nothing but 64 hex digits passes.
-    """
-    if not isinstance(blob_id, str):
-        raise ValueError(f"a blob id is a string, got {type(blob_id).__name__}")
-    v = blob_id.strip().lower()
-    if v.startswith("sha256:"):
-        v = v[7:]
-    if not _HEX_ID_RE.fullmatch(v):
-        raise ValueError(f"not a blob id: {blob_id!r} (want 64 hex digits or 'sha256:' + 64 hex digits)")
-    return v
 
 
 @dataclass(frozen=True)
@@ -108,13 +86,13 @@ class BlobBackend(ABC):
     def _read_range(self, blob_id: str, offset: int, size: int) -> bytes:
         """`size` (> 0) bytes at `offset` of blob `blob_id` (normalised hex).
 
-        Raise BlobNotFound, TransientBackendError (retried) or BackendError. A
+        Raise NotFound, TransientBackendError (retried) or BackendError. A
         short answer is turned into a BackendError by the caller.
         """
 
     @abstractmethod
     def _blob_size(self, blob_id: str) -> int:
-        """Size of blob `blob_id` (normalised hex); BlobNotFound if the backend lacks it."""
+        """Size of blob `blob_id` (normalised hex); NotFound if the backend lacks it."""
 
     def close(self) -> None:
         """Release connections / files. Idempotent."""
@@ -152,7 +130,7 @@ class BlobBackend(ABC):
         return self.read_range(blob_id, offset, size)
 
     def blob_size(self, blob_id: str) -> int:
-        """Size in bytes of the stored blob; BlobNotFound if the backend does not have it."""
+        """Size in bytes of the stored blob; NotFound if the backend does not have it."""
         hex_id = normalize_blob_id(blob_id)
         size = self._sizes.get(hex_id)
         if size is None:

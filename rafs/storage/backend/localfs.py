@@ -11,16 +11,16 @@ descriptor outlives a call, so a blob replaced on disk (or a directory on an
 NFS mount that was remounted) is simply picked up, and there is no descriptor
 table to bound or race on. Open + close cost microseconds next to a chunk
 read. EIO / EAGAIN / ESTALE / ETIMEDOUT / EINTR are retried (`RetryPolicy`); a
-missing file is `BlobNotFound`; a read past the end is a `BackendError`.
+missing file is `NotFound`; a read past the end is a `BackendError`.
 """
 from __future__ import annotations
 
 import errno
 import os
 
-from rafs.errors import BackendError
+from rafs.errors import BackendError, NotFound
 
-from .base import BlobBackend, BlobNotFound, RetryPolicy, TransientBackendError
+from .base import BlobBackend, RetryPolicy, TransientBackendError
 
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ESTALE, errno.ETIMEDOUT, errno.EINTR}
 
@@ -53,7 +53,7 @@ class LocalFsBackend(BlobBackend):
             except OSError as e:
                 raise self._error(e, f"open {path}") from e
         a, b = self.candidates(blob_id)
-        raise BlobNotFound(f"{self.name}: blob sha256:{blob_id} not found (looked for {a} and {b})")
+        raise NotFound(f"{self.name}: blob sha256:{blob_id} not found (looked for {a} and {b})")
 
     def _error(self, e: OSError, what: str) -> BackendError:
         cls = TransientBackendError if e.errno in _TRANSIENT_ERRNOS else BackendError

@@ -23,9 +23,9 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from rafs.errors import BackendError
+from rafs.errors import BackendError, NotFound
 
-from .base import BlobBackend, BlobNotFound
+from .base import BlobBackend
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class MirrorBackend(BlobBackend):
     def _penalize(self, i: int, blob_id: str, e: BackendError) -> None:
         until = self._clock() + self.penalty
         with self._lock:
-            if isinstance(e, BlobNotFound):
+            if isinstance(e, NotFound):
                 self._missing[(i, blob_id)] = until
             else:
                 self._down_until[i] = until

@@ -3,9 +3,10 @@
 Connection pooling, bounded timeouts, redirects (blob GETs are often
 redirected to object storage), basic / bearer-token auth with refresh, and
 retries with backoff of transient failures all come from the client
-(`rafs.storage.registry`), so this backend does not retry again (`retry =
+(`rafs.image.client`), so this backend does not retry again (`retry =
 None`): the client's `retries`, `backoff` and `timeout` bound how long a read
 of an unreachable registry takes (with the factory's defaults, a few seconds).
+The client's 404 is `rafs.errors.NotFound`, the backends' own "no such blob".
 
 A mirror or an HTTP proxy (Dragonfly dfdaemon, an nginx pull-through cache)
 is a `RegistryBackend` too: a client for the mirror's host with the same
@@ -14,10 +15,10 @@ repository, or a client whose `requests.Session` has the proxy set; see
 """
 from __future__ import annotations
 
-from rafs.errors import BackendError
+from rafs.errors import BackendError, NotFound
+from rafs.image.client import RegistryClient
 
-from ..registry import RegistryClient
-from .base import BlobBackend, BlobNotFound
+from .base import BlobBackend
 
 
 class RegistryBackend(BlobBackend):
@@ -38,12 +39,9 @@ class RegistryBackend(BlobBackend):
     def _read_range(self, blob_id: str, offset: int, size: int) -> bytes:
         try:
             return self.client.read_range("sha256:" + blob_id, offset, size)
-        except BlobNotFound:
-            raise
+        except NotFound as e:
+            raise NotFound(f"{self.name}: {e}") from None
         except BackendError as e:
-            # The client reports a 404 as "blob not found: ..." (no subclass of its own yet).
-            if str(e).startswith("blob not found"):
-                raise BlobNotFound(f"{self.name}: {e}") from None
             raise BackendError(f"{self.name}: {e}") from e
 
     def _blob_size(self, blob_id: str) -> int:
@@ -52,8 +50,8 @@ class RegistryBackend(BlobBackend):
         except BackendError as e:
             raise BackendError(f"{self.name}: {e}") from e
         if size is None:
-            raise BlobNotFound(f"{self.name}: blob sha256:{blob_id} not found "
-                               f"(HEAD {self.client.base}/v2/{self.client.repo}/blobs/... answered 404)")
+            raise NotFound(f"{self.name}: blob sha256:{blob_id} not found "
+                           f"(HEAD {self.client.base}/v2/{self.client.repo}/blobs/... answered 404)")
         return size
 
     def close(self) -> None:

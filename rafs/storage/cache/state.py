@@ -9,13 +9,14 @@ each chunk: a ready bit and the xxh64 of the chunk's plain bytes, seeded with
 the first 8 bytes of the chunk digest the bytes were verified against
 (`chunk_xxh64`), so bytes vouched for under one bootstrap's digest never pass
 the re-check under another's. The whole
-file is covered by a sha256, and it is only ever replaced atomically (write
-`<name>.<pid>-<thread>.tmp`, fsync, rename, fsync the directory), after the
+file is covered by a sha256, and it is only ever replaced atomically
+(`rafs.osutil.atomic_write`: a temp file in the same directory, fsync,
+rename, fsync the directory), after the
 data file was fdatasync'd, so a ready bit on disk always vouches for bytes
 that reached the disk before it. Several processes may share one cache
 directory (see `blobcache`): each replaces the file only under an exclusive
-lock, after merging what is on disk into its own map (`merge_from`), so no
-process's ready bits are lost.
+lock, after merging what is on disk into its own map (`merge_from`, done by
+`flush.ReadyState`), so no process's ready bits are lost.
 
 Layout (little-endian)::
 
@@ -45,10 +46,11 @@ import hashlib
 import os
 import struct
 import sys
-import threading
 from array import array
 
 import xxhash
+
+from rafs.osutil import atomic_write
 
 CHUNKMAP_MAGIC = b"RAFSCMAP"
 CHUNKMAP_VERSION = 2
@@ -216,32 +218,7 @@ class ChunkMap:
             return cls(**kw), str(e)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Atomically replace `path` with this map (tmp + fsync + rename + fsync of the directory)."""
-        write_atomic(path, self.encode())
+        """Atomically replace `path` with this map (`rafs.osutil.atomic_write`: tmp + fsync +
+        rename + fsync of the directory)."""
+        atomic_write(path, self.encode())
 
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new file."""
-    path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"   # unique: writers may race
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view.nbytes:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -7,7 +7,8 @@
 
 Every read is verified against its digest (whole reads at once, streams at EOF
 and again when the ``with`` block is left normally, which reads what is left).
-Every write of an OCI layout is a temp file + rename, so readers never see a
+Every write of an OCI layout is `rafs.osutil.atomic_write` (temp file in the same
+directory, fsync, rename, fsync of the directory), so readers never see a
 half-written blob or ``index.json``; ``tag()`` publishes atomically.
 """
 
@@ -15,107 +16,25 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO, ContextManager, Iterator
 
-from converter.refs import ImageRef, parse_ref
-from rafs.errors import BackendError, FormatError, IntegrityError
-from rafs.storage.registry import (  # noqa: F401  (re-exported media types)
-    IMAGE_MANIFEST_MEDIA_TYPES,
-    INDEX_MEDIA_TYPES,
-    MANIFEST_MEDIA_TYPES,
-    MEDIA_DOCKER_LIST,
-    MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_INDEX,
-    MEDIA_OCI_MANIFEST,
-    NotFound,
-    RegistryClient,
-    check_digest,
-    sha256_digest,
-)
+from rafs.errors import BackendError, FormatError, IntegrityError, NotFound
+from rafs.osutil import atomic_file, atomic_write
 
-__all__ = [
-    "Descriptor", "ImageStore", "OciLayoutStore", "Platform", "RegistryStore", "open_store",
-    "REF_NAME_ANNOTATION", "MEDIA_OCI_MANIFEST", "MEDIA_OCI_INDEX", "MEDIA_DOCKER_MANIFEST", "MEDIA_DOCKER_LIST",
-    "INDEX_MEDIA_TYPES", "IMAGE_MANIFEST_MEDIA_TYPES", "MANIFEST_MEDIA_TYPES", "NotFound",
-]
+from . import media
+from .client import RegistryClient
+from .digests import SHA256_PREFIX, check_digest, sha256_digest
+from .platform import Platform
+from .refs import ImageRef, parse_ref
+from .stream import IO_BLOCK, verified_stream
 
-REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 OCI_LAYOUT_VERSION = "1.0.0"
-_IO_BLOCK = 1 << 20
 _MAX_NESTING = 4
-
-
-# --------------------------------------------------------------------------- platform
-
-_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "i386": "386", "i686": "386",
-                 "armhf": "arm", "armel": "arm"}
-_ARCH_VARIANT_FROM_ALIAS = {"armhf": "v7", "armel": "v6"}
-
-
-@dataclass(frozen=True)
-class Platform:
-    os: str
-    architecture: str
-    variant: str | None = None
-    os_version: str | None = None
-    os_features: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, s: str) -> "Platform":
-        """``linux/amd64``, ``linux/arm64/v8``, ``linux/arm/v7``."""
-        parts = [p.strip() for p in (s or "").split("/")]
-        if len(parts) not in (2, 3) or not all(parts):
-            raise ValueError(f"invalid platform {s!r} (want OS/ARCH[/VARIANT], e.g. linux/amd64)")
-        return cls(parts[0].lower(), parts[1].lower(), parts[2].lower() if len(parts) == 3 else None)
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-    def normalized(self) -> "Platform":
-        arch = _ARCH_ALIASES.get(self.architecture, self.architecture)
-        variant = self.variant or _ARCH_VARIANT_FROM_ALIAS.get(self.architecture)
-        if arch == "arm64" and variant in (None, "8", "v8"):
-            variant = "v8"
-        elif arch == "arm" and variant is None:
-            variant = "v7"
-        elif variant and variant.isdigit():
-            variant = "v" + variant
-        if arch == "amd64" and variant == "v1":
-            variant = None
-        return Platform(self.os, arch, variant, self.os_version, self.os_features)
-
-    def matches(self, want: "Platform | str") -> bool:
-        """Does this (an image's) platform satisfy ``want``?  A want without variant takes any."""
-        w = Platform.parse(want) if isinstance(want, str) else want
-        a, b = self.normalized(), w.normalized()
-        if a.os != b.os or a.architecture != b.architecture:
-            return False
-        return w.variant is None or a.variant == b.variant
-
-    def to_json(self) -> dict:
-        d = {"architecture": self.architecture, "os": self.os}
-        if self.os_version:
-            d["os.version"] = self.os_version
-        if self.os_features:
-            d["os.features"] = list(self.os_features)
-        if self.variant:
-            d["variant"] = self.variant
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Platform":
-        if not isinstance(d, dict) or not isinstance(d.get("os"), str) or not isinstance(d.get("architecture"), str):
-            raise FormatError(f"invalid platform {d!r}")
-        feats = d.get("os.features") or ()
-        return cls(d["os"], d["architecture"], d.get("variant") or None, d.get("os.version") or None,
-                   tuple(str(f) for f in feats) if isinstance(feats, list) else ())
 
 
 # --------------------------------------------------------------------------- descriptor
@@ -162,9 +81,9 @@ class Descriptor:
 
 def _manifest_kind(media_type: str, data: bytes | None = None) -> str:
     """'index', 'manifest' or '' — from the media type, else from the JSON's shape."""
-    if media_type in INDEX_MEDIA_TYPES:
+    if media_type in media.INDEX_TYPES:
         return "index"
-    if media_type in IMAGE_MANIFEST_MEDIA_TYPES:
+    if media_type in media.IMAGE_MANIFEST_TYPES:
         return "manifest"
     if data is not None:
         try:
@@ -173,9 +92,9 @@ def _manifest_kind(media_type: str, data: bytes | None = None) -> str:
             return ""
         if isinstance(j, dict):
             mt = j.get("mediaType")
-            if mt in INDEX_MEDIA_TYPES:
+            if mt in media.INDEX_TYPES:
                 return "index"
-            if mt in IMAGE_MANIFEST_MEDIA_TYPES:
+            if mt in media.IMAGE_MANIFEST_TYPES:
                 return "manifest"
             if isinstance(j.get("manifests"), list):
                 return "index"
@@ -293,7 +212,7 @@ class ImageStore(ABC):
                 if want is None or (plat is not None and plat.matches(want)):
                     out.append((plat, d))
         elif kind == "manifest":
-            d = Descriptor(desc.media_type or j.get("mediaType") or MEDIA_OCI_MANIFEST, desc.digest, desc.size,
+            d = Descriptor(desc.media_type or j.get("mediaType") or media.OCI_MANIFEST, desc.digest, desc.size,
                            dict(desc.annotations), desc.platform, desc.urls)
             plat = desc.platform or self._platform_of_manifest(j, what)
             if want is None or (plat is not None and plat.matches(want)):
@@ -319,55 +238,6 @@ class ImageStore(ABC):
         """Hook: a digest that is known to be a manifest (registries keep those apart from blobs)."""
 
 
-# --------------------------------------------------------------------------- verification
-
-class _VerifyingReader(io.RawIOBase):
-    """Wraps a raw file; sha256 checked when EOF is reached."""
-
-    def __init__(self, f: BinaryIO, digest: str, name: str):
-        super().__init__()
-        self._f = f
-        self._digest = digest
-        self._name = name
-        self._hash = hashlib.sha256()
-        self._error: BaseException | None = None
-        self._done = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if self._error is not None:
-            raise self._error
-        if self._done:
-            return 0
-        n = self._f.readinto(b)
-        if not n:
-            got = "sha256:" + self._hash.hexdigest()
-            if got != self._digest:
-                self._error = IntegrityError(f"blob {self._name}: content has digest {got}")
-                raise self._error
-            self._done = True
-            return 0
-        self._hash.update(memoryview(b)[:n])
-        return n
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
-
-
-@contextmanager
-def _verified_stream(f: BinaryIO, digest: str, name: str) -> Iterator[BinaryIO]:
-    buf = io.BufferedReader(_VerifyingReader(f, digest, name), buffer_size=_IO_BLOCK)
-    try:
-        yield buf
-        while buf.read(_IO_BLOCK):
-            pass
-    finally:
-        buf.close()
-
-
 # --------------------------------------------------------------------------- OCI layout
 
 class OciLayoutStore(ImageStore):
@@ -380,9 +250,9 @@ class OciLayoutStore(ImageStore):
         if create:
             os.makedirs(os.path.join(self.root, "blobs", "sha256"), exist_ok=True)
             if not os.path.exists(layout_file):
-                self._atomic_write(layout_file, json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode())
+                atomic_write(layout_file, json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode())
             if not os.path.exists(self._index_path):
-                self._write_index({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": []})
+                self._write_index({"schemaVersion": 2, "mediaType": media.OCI_INDEX, "manifests": []})
         try:
             with open(layout_file, "rb") as f:
                 version = json.load(f).get("imageLayoutVersion")
@@ -420,27 +290,13 @@ class OciLayoutStore(ImageStore):
         return idx
 
     def tags(self) -> list[str]:
-        return [e.get("annotations", {}).get(REF_NAME_ANNOTATION) for e in self.read_index().get("manifests", [])
+        return [e.get("annotations", {}).get(media.ANNOTATION_REF_NAME)
+                for e in self.read_index().get("manifests", [])
                 if isinstance(e, dict) and isinstance(e.get("annotations"), dict)
-                and e["annotations"].get(REF_NAME_ANNOTATION)]
+                and e["annotations"].get(media.ANNOTATION_REF_NAME)]
 
     def _write_index(self, idx: dict) -> None:
-        self._atomic_write(self._index_path, json.dumps(idx, indent=2).encode() + b"\n")
-
-    def _atomic_write(self, path: str, data: bytes) -> None:
-        d = os.path.dirname(path)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink(tmp)
-            raise
-        _fsync_dir(d)
+        atomic_write(self._index_path, json.dumps(idx, indent=2).encode() + b"\n")
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -464,10 +320,10 @@ class OciLayoutStore(ImageStore):
             kind = _manifest_kind(j.get("mediaType", ""), data)
             if not kind:
                 raise FormatError(f"{self.location}@{ref.digest} is not a manifest or index")
-            return Descriptor(j.get("mediaType") or (MEDIA_OCI_INDEX if kind == "index" else MEDIA_OCI_MANIFEST),
+            return Descriptor(j.get("mediaType") or (media.OCI_INDEX if kind == "index" else media.OCI_MANIFEST),
                               ref.digest, len(data))
         named = [e for e in entries if isinstance(e, dict)
-                 and (e.get("annotations") or {}).get(REF_NAME_ANNOTATION) == ref.tag]
+                 and (e.get("annotations") or {}).get(media.ANNOTATION_REF_NAME) == ref.tag]
         if named:
             return Descriptor.from_json(named[-1])
         if not ref.tag_given and len(entries) == 1:
@@ -491,7 +347,7 @@ class OciLayoutStore(ImageStore):
             f = open(self.blob_path(digest), "rb", buffering=0)
         except FileNotFoundError:
             raise self._missing(digest) from None
-        return _verified_stream(f, digest, f"{digest} in OCI layout {self.root}")
+        return verified_stream(f, digest, f"{digest} in OCI layout {self.root}")
 
     def has_blob(self, digest: str) -> bool:
         return os.path.isfile(self.blob_path(digest))
@@ -514,30 +370,20 @@ class OciLayoutStore(ImageStore):
         dst = self.blob_path(digest)
         if os.path.isfile(dst):
             return False
-        d = os.path.dirname(dst)
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-        try:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with atomic_file(dst) as out:         # a mismatch below leaves nothing behind
             h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out:
-                fill(out, h)
-                out.flush()
-                os.fsync(out.fileno())
-            got = "sha256:" + h.hexdigest()
+            fill(out, h)
+            got = SHA256_PREFIX + h.hexdigest()
             if got != digest:
                 raise IntegrityError(f"blob for {digest} has digest {got}; not stored in {self.root}")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dst)
-        except BaseException:
-            _unlink(tmp)
-            raise
         return True
 
     def put_blob(self, digest: str, path: str | os.PathLike) -> bool:
         def fill(out, h):
             with open(path, "rb") as src:
                 while True:
-                    b = src.read(_IO_BLOCK)
+                    b = src.read(IO_BLOCK)
                     if not b:
                         break
                     h.update(b)
@@ -565,39 +411,16 @@ class OciLayoutStore(ImageStore):
             idx = self.read_index()
             entries = [e for e in idx.get("manifests", []) if not (
                 isinstance(e, dict) and (
-                    (name is not None and (e.get("annotations") or {}).get(REF_NAME_ANNOTATION) == name)
+                    (name is not None and (e.get("annotations") or {}).get(media.ANNOTATION_REF_NAME) == name)
                     or (name is None and e.get("digest") == digest and not e.get("annotations"))))]
-            desc = Descriptor(media_type, digest, len(data), {REF_NAME_ANNOTATION: name} if name else {})
+            desc = Descriptor(media_type, digest, len(data), {media.ANNOTATION_REF_NAME: name} if name else {})
             entries.append(desc.to_json())
             idx["manifests"] = entries
             idx.setdefault("schemaVersion", 2)
             self._write_index(idx)
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- registry
-
-_HUB_HOSTS = {"docker.io", "index.docker.io"}
-
 
 class RegistryStore(ImageStore):
     """One repository of a registry (manifests by tag/digest, blobs) via RegistryClient."""
@@ -605,11 +428,7 @@ class RegistryStore(ImageStore):
     def __init__(self, ref: ImageRef, *, plain_http: bool = False, client: RegistryClient | None = None,
                  **client_kw):
         self.ref = ref
-        host, repo = ref.host, ref.repo
-        if host in _HUB_HOSTS:
-            host = "registry-1.docker.io"
-            if "/" not in repo:
-                repo = "library/" + repo
+        host, repo = ref.endpoint
         self.client = client or RegistryClient(host, repo, plain_http=plain_http, **client_kw)
         self._manifests: dict[str, bytes] = {}   # digest -> verified bytes (small)
         self._manifest_digests: set[str] = set()
@@ -639,7 +458,7 @@ class RegistryStore(ImageStore):
         check_digest(digest)
         if digest in self._manifests:
             return self._manifests[digest]
-        if digest in self._manifest_digests or (media_type and media_type in MANIFEST_MEDIA_TYPES):
+        if digest in self._manifest_digests or (media_type and media_type in media.MANIFEST_TYPES):
             return self.get_manifest(digest)[0]
         try:
             return self.client.get_blob(digest)

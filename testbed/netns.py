@@ -28,8 +28,9 @@ import shutil
 import signal
 import subprocess
 import time
-from contextlib import suppress
 from typing import Sequence
+
+from .process import stop_process
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
 TC = shutil.which("tc") or "/usr/sbin/tc"
@@ -174,16 +175,7 @@ class NetLab:
     @staticmethod
     def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Stop one process this lab started (by its pid only)."""
-        if p.poll() is not None:
-            return
-        with suppress(ProcessLookupError):
-            os.kill(p.pid, sig)
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait(timeout=5)
+        stop_process(p, timeout, sig=sig)
 
     # ------------------------------------------------------------------ shaping
     def shape(self, rate: str | None, burst: str = "256kb", latency: str = "20ms") -> None:

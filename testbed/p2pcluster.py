@@ -1,17 +1,16 @@
-"""A P2P test cluster: nodes (mount daemons with their own cache and peer port), optionally each in
-its own network namespace (tests/helpers/netns.py). Shared by tests/integration/test_p2p_cluster.py
+"""A P2P cluster: nodes (mount daemons with their own cache and peer port), optionally each in
+its own network namespace (testbed/netns.py). Shared by tests/integration/test_p2p_cluster.py
 and benchmarks/p2p.py.
 
 Nodes run `nydusify mount --p2p-...`. A node that must misbehave (serve corrupted bytes to peers)
-runs `python -m tests.helpers.p2pcluster mount REF MNT --corrupt-serving ...` (below, `main`): the same
-`open_image` + `MountDaemon` with the same storage, plus the fault.
+runs `python -m testbed.p2pcluster mount REF MNT --corrupt-serving ...` (below, `main`): the same
+`open_image`, storage and launcher (`rafs.launcher`) as `nydusify mount`, plus the fault.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import itertools
-import logging
 import os
 import shutil
 import signal
@@ -23,34 +22,36 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from .process import stop_process
+
+REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 _n = itertools.count(1)
+
+
+def next_serial() -> int:
+    """1, 2, 3, ...: unique node names (and ports) within this process."""
+    return next(_n)
 
 
 # =========================================================================== the node driver
 
 def main(argv: list[str] | None = None) -> int:
-    """`mount REF MNT [--cache-dir D] [--run-dir R] [--mode M] [--p2p-...] [--corrupt-serving]`."""
+    """`mount REF MNT --cache-dir D [--run-dir R] [--mode M] [--p2p-...] [--corrupt-serving]`: in the
+    foreground, reporting `READY MODE LISTEN` once mounted."""
     from converter.mount_cli import open_image
-    from p2p.cli import add_mount_options, mount_config
-    from p2p.service import p2p_cache_manager
-    from rafs.daemon import MOUNT_CACHE_OPTIONS, MountConfig, MountDaemon
-    from rafs.storage.factory import CacheConfig, build_cache_manager
+    from p2p.cli import MOUNT_CACHES, mount_config
+    from rafs.launcher import add_mount_options, launch
 
     ap = argparse.ArgumentParser(prog="p2p-node")
     ap.add_argument("cmd", choices=["mount"])
     ap.add_argument("ref")
     ap.add_argument("mountpoint")
-    ap.add_argument("--cache-dir", required=True)
-    ap.add_argument("--run-dir")
-    ap.add_argument("--mode", default="auto")
     ap.add_argument("--plain-http", action="store_true")
     ap.add_argument("--corrupt-serving", action="store_true",
                     help="test only: serve every range to peers with its first byte flipped")
-    add_mount_options(ap)
+    add_mount_options(ap, caches=MOUNT_CACHES)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.corrupt_serving:
         from p2p.node import BlobState
         real = BlobState.read_range
@@ -59,21 +60,12 @@ def main(argv: list[str] | None = None) -> int:
             data = real(self, start, end)
             return bytes([data[0] ^ 0xFF]) + data[1:] if data else data
         BlobState.read_range = corrupt
-    raw, backend, desc = open_image(args.ref, plain_http=args.plain_http)
-    cache_cfg = CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS)   # as `nydusify mount`
     p2p_cfg = mount_config(args)
-    caches = (p2p_cache_manager(backend, cache_cfg, p2p_cfg) if p2p_cfg
-              else build_cache_manager(cache_cfg, backend))
-    desc["cache_dir"] = os.path.abspath(args.cache_dir)
-    daemon = MountDaemon(raw, caches, MountConfig(mountpoint=args.mountpoint, mode=args.mode,
-                                                  run_dir=args.run_dir, description=desc))
-    mode = daemon.start()
-    print(f"READY {mode} {p2p_cfg.listen if p2p_cfg else '-'}", flush=True)
-    daemon.run()
-    return 0
+    return launch(args, lambda: open_image(args.ref, plain_http=args.plain_http), caches=MOUNT_CACHES,
+                  report=lambda daemon: f"READY {daemon.mode} {p2p_cfg.listen if p2p_cfg else '-'}")
 
 
-# =========================================================================== test support
+# =========================================================================== the cluster
 
 def _mount_cli_has_p2p() -> bool:
     r = subprocess.run([sys.executable, "-m", "converter.cli", "mount", "--help"], cwd=REPO,
@@ -84,7 +76,7 @@ def _mount_cli_has_p2p() -> bool:
 def build_image(layout_dir: Path, seed: int, *, files: int = 8, size: int = 3 * MiB):
     """An image whose files are half random, half compressible (so chunks are both stored
     and zstd-compressed); returns (ImageInfo, {path: sha256})."""
-    from tests.helpers import images as im
+    from testbed import images as im
     entries = [im.Entry.dir("data")]
     expect = {}
     for i in range(files):
@@ -146,7 +138,7 @@ class Node:
 
     def stats(self) -> dict:
         from rafs.api import ApiClient
-        from rafs.daemon import state_paths
+        from rafs.mounttab import state_paths
         return ApiClient(state_paths(str(self.mountpoint), str(self.run_dir)).api_sock).stats()
 
     def p2p(self) -> dict:
@@ -165,7 +157,7 @@ class Cluster:
 
     def start(self, index: int, ref: str, *, p2p: list[str], extra: tuple[str, ...] = (),
               name: str | None = None) -> Node:
-        name = name or f"node{index}-{next(_n)}"
+        name = name or f"node{index}-{next_serial()}"
         d = self.root / name
         mnt = d / "mnt"
         mnt.mkdir(parents=True)
@@ -174,7 +166,7 @@ class Cluster:
             argv = [sys.executable, "-m", "converter.cli", "mount", ref, str(mnt)]
             print_ready = False
         else:
-            argv = [sys.executable, "-m", "tests.helpers.p2pcluster", "mount", ref,
+            argv = [sys.executable, "-m", "testbed.p2pcluster", "mount", ref,
                     str(mnt)]
             print_ready = True
         run_dir = self.run_root / name
@@ -204,7 +196,7 @@ class Cluster:
 
     @staticmethod
     def _wait_mounted(node: Node, timeout: float = 60.0) -> None:
-        from rafs.daemon import mounts_at
+        from rafs.mounttab import mounts_at
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if mounts_at(str(node.mountpoint)):
@@ -215,17 +207,8 @@ class Cluster:
         raise AssertionError(f"node did not mount:\n{node.log.read_text(errors='replace')[-3000:]}")
 
     def stop(self, node: Node, sig: int = signal.SIGTERM) -> None:
-        from rafs.daemon import mounts_at, request_umount
-        if node.proc.poll() is None:
-            try:
-                os.kill(node.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                node.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(node.proc.pid, signal.SIGKILL)
-                node.proc.wait(timeout=5)
+        from rafs.mounttab import mounts_at, request_umount
+        stop_process(node.proc, 20, sig=sig)
         if mounts_at(str(node.mountpoint)):           # killed: clear what it left
             try:
                 request_umount(str(node.mountpoint), run_dir_override=str(node.run_dir))

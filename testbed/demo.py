@@ -1,6 +1,6 @@
 """The README's main job: sample image -> local registry -> nydusify convert -> check -> lazy mount -> run.
 
-python3 -m converter.demo [--workdir DIR] [--mode auto|fuse|erofs]
+python3 -m testbed.demo [--workdir DIR] [--mode auto|fuse|erofs]
 
 Builds the sample image from local files, pushes it to a docker-registry
 started on 127.0.0.1, converts it registry to registry, checks and inspects
@@ -20,11 +20,12 @@ import sys
 import tempfile
 import time
 
-from .check import check
-from .convert import ConvertOptions, convert
-from .inspect import render, summarize
-from .localregistry import run_registry, push_image
-from .nydus_image import open_nydus_image
+from converter.check import check
+from converter.convert import ConvertOptions, convert
+from converter.inspect import render, summarize
+from converter.nydus_image import open_nydus_image
+
+from .registry import push_image, run_registry
 from .sample import build_sample_layout
 
 COMMAND = ("cat /etc/hello.txt; echo \"$(ls /usr/lib/python3.11 | wc -l) entries in /usr/lib/python3.11\"; "
@@ -46,7 +47,7 @@ def _nydusify(*args: str) -> subprocess.CompletedProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m converter.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python3 -m testbed.demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", help="where to build (default: a temporary directory, removed afterwards)")
     p.add_argument("--mode", choices=("auto", "fuse", "erofs"), default="auto", help="mount mode")
     args = p.parse_args(argv)

@@ -1,32 +1,32 @@
-"""Registry backend: a client for the OCI distribution / Docker Registry HTTP API v2.
+"""A client for the OCI distribution / Docker Registry HTTP API v2: `RegistryClient`.
 
-Used by the converter (pull source images, push converted ones) and by the lazy
-mount daemon (HTTP Range GETs of blob chunks).  Written from the public specs:
-the OCI distribution spec (endpoints, upload protocol), the Docker token
-authentication spec (``WWW-Authenticate: Bearer`` challenges, token endpoint)
-and the docker CLI's ``config.json`` format.
+Used by the image store (pull source images, push converted ones) and by the
+lazy mount daemon's registry backend (HTTP Range GETs of blob chunks). Written
+from the OCI distribution spec (endpoints, upload protocol); authentication is
+`rafs.image.auth`, the verified blob stream `rafs.image.stream`.
 
 Behaviour worth knowing:
 
-* Authentication is lazy: a request goes out anonymously (or with what was
-  learned before), a 401 challenge teaches the scheme.  Basic credentials and
-  bearer tokens are sent only to the registry's own origin (scheme + host +
-  port); redirects are followed by hand and lose the Authorization header when
-  they leave that origin (blob GETs are often redirected to object storage).
-  A challenge from any other origin is never answered.
-* Bearer tokens are cached per scope, refreshed shortly before ``expires_in``
-  runs out, and refreshed again (one retry) when the registry answers 401.
+* Basic credentials and bearer tokens are sent only to the registry's own
+  origin (scheme + host + port); redirects are followed by hand and lose the
+  Authorization header when they leave that origin (blob GETs are often
+  redirected to object storage). A challenge from any other origin is never
+  answered.
 * Transient failures (connection refused/reset, timeouts, truncated bodies,
-  HTTP 5xx and 429) are retried ``retries`` times with exponential backoff;
-  then a :class:`~rafs.errors.BackendError` says what failed and why.
+  HTTP 5xx and 429) are retried by one loop (`RegistryClient._retrying`):
+  ``retries`` more attempts (default `RETRIES`), sleeping ``backoff`` (default
+  `BACKOFF`) doubled each time, capped at `MAX_BACKOFF`, jittered; then a
+  :class:`~rafs.errors.BackendError` says what failed and why. A blob stream
+  is one retried operation: a connection lost mid-stream is resumed with a
+  Range request, and the stream's resumes and re-requests share its
+  ``retries``.
+* A 404 is :class:`~rafs.errors.NotFound`.
 * Everything read is verified: manifests fetched by digest, whole blobs (at
   EOF).  A mismatch is an :class:`~rafs.errors.IntegrityError`, never retried.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import http.client
 import io
 import json
@@ -34,28 +34,22 @@ import logging
 import os
 import random
 import re
-import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
 
-from rafs.errors import BackendError, FormatError, IntegrityError
+from rafs.errors import BackendError, FormatError, IntegrityError, NotFound
+
+from .auth import ANONYMOUS, Credentials, RegistryAuth, load_docker_credentials
+from .digests import check_digest, is_digest, sha256_digest
+from .media import MANIFEST_ACCEPT, MANIFEST_TYPES
+from .stream import IO_BLOCK, verified_stream
 
 log = logging.getLogger(__name__)
-
-MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-INDEX_MEDIA_TYPES = frozenset({MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST})
-IMAGE_MANIFEST_MEDIA_TYPES = frozenset({MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST})
-MANIFEST_MEDIA_TYPES = INDEX_MEDIA_TYPES | IMAGE_MANIFEST_MEDIA_TYPES
-_ACCEPT = ", ".join([MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST])
 
 #: Manifests larger than this are refused (the OCI spec asks registries to take 4 MiB).
 MAX_MANIFEST_SIZE = 8 << 20
@@ -64,128 +58,16 @@ CHUNKED_UPLOAD_THRESHOLD = 256 << 20
 UPLOAD_CHUNK_SIZE = 64 << 20
 _MAX_REDIRECTS = 5
 USER_AGENT = "pynydus/0.1"
-_IO_BLOCK = 1 << 20
 
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-# --------------------------------------------------------------------------- digests
-
-def check_digest(digest: str) -> str:
-    """Return the hex part of a ``sha256:<64 lowercase hex>`` digest; FormatError otherwise.
-
-    Digests come from manifests (untrusted input) and end up in URLs and file
-    paths, so nothing else is accepted.
-    """
-    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
-        raise FormatError(f"invalid digest {digest!r}: only sha256:<64 lowercase hex> is supported")
-    return digest[7:]
-
-
-def is_digest(s: str) -> bool:
-    return isinstance(s, str) and bool(_DIGEST_RE.match(s))
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-# --------------------------------------------------------------------------- credentials
-
-@dataclass(frozen=True)
-class Credentials:
-    """A user name and password (or token) for one registry host."""
-
-    username: str
-    password: str = field(repr=False)
-
-    def basic_header(self) -> str:
-        raw = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode("ascii")
-
-
-#: Pass as ``auth=`` to never look at the docker config.
-ANONYMOUS = Credentials("", "")
-
-_DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
-
-
-def _config_key_host(key: str) -> str:
-    """``https://index.docker.io/v1/`` -> ``index.docker.io``; ``host:5000`` -> ``host:5000``."""
-    k = key.strip()
-    if "://" in k:
-        k = k.split("://", 1)[1]
-    return k.split("/", 1)[0].lower()
-
-
-def docker_config_path(config_dir: str | None = None) -> str:
-    d = config_dir or os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-    return os.path.join(d, "config.json")
-
-
-def load_docker_credentials(host: str, *, config_dir: str | None = None) -> Credentials | None:
-    """Credentials for ``host`` from docker's ``config.json`` (``$DOCKER_CONFIG`` or ``~/.docker``).
-
-    Reads ``auths[HOST].auth`` (base64 ``user:password``) or ``username``/``password``.
-    Keys may be written as URLs (``https://HOST/v1/``).  Credential helpers
-    (``credsStore``/``credHelpers``) and ``identitytoken`` are not supported.
-    """
-    path = docker_config_path(config_dir)
-    try:
-        with open(path, "rb") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable docker config %s: %s", path, e)
-        return None
-    auths = cfg.get("auths") if isinstance(cfg, dict) else None
-    if not isinstance(auths, dict):
-        return None
-    want = host.lower()
-    hub = want in _DOCKER_HUB_ALIASES
-    for key, entry in auths.items():
-        kh = _config_key_host(key)
-        if not (kh == want or (hub and kh in _DOCKER_HUB_ALIASES)) or not isinstance(entry, dict):
-            continue
-        if entry.get("auth"):
-            try:
-                user, _, pw = base64.b64decode(entry["auth"]).decode("utf-8").partition(":")
-            except (ValueError, UnicodeDecodeError):
-                log.warning("ignoring malformed auth for %s in %s", key, path)
-                continue
-            return Credentials(user, pw)
-        if entry.get("username"):
-            return Credentials(entry["username"], entry.get("password", ""))
-    return None
-
-
-# --------------------------------------------------------------------------- auth challenges
-
-_PARAM_RE = re.compile(r'\s*([A-Za-z_][\w-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))\s*,?')
-
-
-def parse_www_authenticate(value: str) -> tuple[str, dict[str, str]]:
-    """``Bearer realm="..",service="..",scope=".."`` -> ("bearer", {realm, service, scope})."""
-    value = (value or "").strip()
-    scheme, _, rest = value.partition(" ")
-    params: dict[str, str] = {}
-    pos = 0
-    while pos < len(rest):
-        m = _PARAM_RE.match(rest, pos)
-        if not m or m.end() == pos:
-            break
-        raw = m.group(2) if m.group(2) is not None else m.group(3)
-        params[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", raw)
-        pos = m.end()
-    return scheme.lower(), params
+#: Retries of a transient failure (more attempts after the first), by default.
+RETRIES = 3
+#: The first retry's delay in seconds, by default; doubled for each further retry.
+BACKOFF = 0.25
+#: No delay between two attempts is longer than this (seconds, before jitter).
+MAX_BACKOFF = 8.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-class NotFound(BackendError):
-    """The registry (or layout) does not have the manifest, tag or blob asked for."""
-
 
 class _RetryableStatus(Exception):
     """An HTTP status worth another try (5xx, 429)."""
@@ -257,7 +139,7 @@ def _read_exact(raw, n: int) -> bytes:
     parts = []
     left = n
     while left > 0:
-        b = raw.read(min(left, _IO_BLOCK), decode_content=False)
+        b = raw.read(min(left, IO_BLOCK), decode_content=False)
         if not b:
             break
         parts.append(b)
@@ -268,7 +150,7 @@ def _read_exact(raw, n: int) -> bytes:
 def _skip(raw, n: int) -> int:
     left = n
     while left > 0:
-        b = raw.read(min(left, _IO_BLOCK), decode_content=False)
+        b = raw.read(min(left, IO_BLOCK), decode_content=False)
         if not b:
             break
         left -= len(b)
@@ -295,7 +177,7 @@ class _FileSlice:
             return b""
         if n is None or n < 0 or n > self._left:
             n = self._left
-        b = self._f.read(min(n, _IO_BLOCK))
+        b = self._f.read(min(n, IO_BLOCK))
         if not b:
             raise BackendError(f"{self._f.name}: file shrank while uploading")
         self._left -= len(b)
@@ -322,8 +204,8 @@ class RegistryClient:
         plain_http: bool = False,
         auth: Credentials | None = None,
         timeout: tuple[float, float] = (5, 30),
-        retries: int = 3,
-        backoff: float = 0.25,
+        retries: int = RETRIES,
+        backoff: float = BACKOFF,
         config_dir: str | None = None,
         session: requests.Session | None = None,
         pool_size: int = 16,
@@ -336,7 +218,8 @@ class RegistryClient:
         self.backoff = backoff
         if auth is None:
             auth = load_docker_credentials(host, config_dir=config_dir)
-        self._creds = None if (auth is None or auth == ANONYMOUS) else auth
+        self._auth = RegistryAuth(self.name, self.base, None if (auth is None or auth == ANONYMOUS) else auth,
+                                  self._token_json)
         if session is None:
             session = requests.Session()
             session.headers["User-Agent"] = USER_AGENT
@@ -347,12 +230,11 @@ class RegistryClient:
         else:
             self._own_session = False
         self._session = session
-        self._lock = threading.Lock()
-        self._scheme: str | None = None          # "basic" | "bearer", learned from a challenge
-        self._bearer: dict[str, str] = {}        # realm, service
-        self._tokens: dict[str, tuple[str, float]] = {}  # scope -> (token, refresh_at)
-        #: number of tokens fetched (observability, tests)
-        self.tokens_fetched = 0
+
+    @property
+    def tokens_fetched(self) -> int:
+        """Bearer tokens fetched so far (observability, tests)."""
+        return self._auth.tokens_fetched
 
     # -- lifecycle
     def close(self) -> None:
@@ -379,85 +261,31 @@ class RegistryClient:
         return f"repository:{self.repo}:{'pull,push' if push else 'pull'}"
 
     # -- auth
-    def _auth_header(self, scope: str) -> str | None:
-        with self._lock:
-            scheme = self._scheme
-            tok = self._tokens.get(scope)
-        if scheme == "basic":
-            return self._creds.basic_header() if self._creds else None
-        if scheme == "bearer":
-            if tok and time.monotonic() < tok[1]:
-                return "Bearer " + tok[0]
-            return "Bearer " + self._fetch_token(scope)  # proactive refresh
-        return None
-
-    def _on_challenge(self, header: str, scope: str, sent: str | None) -> bool:
-        """Learn from a 401; True if a retry with new credentials makes sense."""
-        scheme, params = parse_www_authenticate(header)
-        if scheme == "basic":
-            with self._lock:
-                self._scheme = "basic"
-            return self._creds is not None and not (sent or "").startswith("Basic ")
-        if scheme == "bearer" and params.get("realm"):
-            with self._lock:
-                self._scheme = "bearer"
-                self._bearer = {"realm": params["realm"], "service": params.get("service", "")}
-            extra = params.get("scope")
-            self._fetch_token(scope, extra)
-            return True
-        return False
-
-    def _fetch_token(self, scope: str, extra_scope: str | None = None) -> str:
-        with self._lock:
-            realm = self._bearer.get("realm")
-            service = self._bearer.get("service")
-        if not realm:
-            raise BackendError(f"unauthorized: {self.name}: bearer challenge without realm")
-        if self._creds and urlsplit(realm).scheme != "https" and self.base.startswith("https:"):
-            raise BackendError(f"unauthorized: {self.name}: refusing to send credentials to non-https "
-                               f"token realm {realm}")
-        scopes = scope.split()
-        if extra_scope:
-            scopes += [s for s in extra_scope.split() if s not in scopes]
-        q = ([("service", service)] if service else []) + [("scope", s) for s in scopes]
-        headers = {"Authorization": self._creds.basic_header()} if self._creds else {}
-        started = time.monotonic()
+    def _token_json(self, realm: str, query: list, headers: dict):
+        """GET a token from ``realm`` (retried like any request): the server's JSON answer."""
+        creds = self._auth.creds
 
         def fn():
             try:
-                r = self._session.get(realm, params=q, headers=headers, timeout=self.timeout, auth=_no_auth)
+                r = self._session.get(realm, params=query, headers=headers, timeout=self.timeout, auth=_no_auth)
             except requests.exceptions.InvalidURL as e:
                 raise BackendError(f"unauthorized: {self.name}: bad token realm {realm!r}: {e}") from e
             with r:
                 if r.status_code >= 500 or r.status_code == 429:
                     raise _RetryableStatus(f"HTTP {r.status_code} from token server {realm}")
                 if r.status_code in (401, 403):
-                    who = f"as {self._creds.username!r}" if self._creds else "anonymously"
+                    who = f"as {creds.username!r}" if creds else "anonymously"
                     raise BackendError(
                         f"unauthorized: token server {realm} refused {who} for {self.name} "
                         f"(HTTP {r.status_code}); check credentials for {self.host} in docker config")
                 if r.status_code != 200:
                     raise BackendError(f"token server {realm}: HTTP {r.status_code} {_error_detail(r)}")
                 try:
-                    j = r.json()
+                    return r.json()
                 except ValueError as e:
                     raise BackendError(f"token server {realm}: answer is not JSON") from e
-            return j
 
-        j = self._retrying(f"token request to {realm}", fn)
-        token = j.get("token") or j.get("access_token") if isinstance(j, dict) else None
-        if not token or not isinstance(token, str):
-            raise BackendError(f"token server {realm}: no token in answer")
-        try:
-            ttl = float(j.get("expires_in") or 60)
-        except (TypeError, ValueError):
-            ttl = 60.0
-        margin = min(10.0, ttl / 4)
-        with self._lock:
-            self._tokens[scope] = (token, started + ttl - margin)
-            self.tokens_fetched += 1
-        log.debug("%s: new token for %s (expires in %.0fs)", self.name, scope, ttl)
-        return token
+        return self._retrying(f"token request to {realm}", fn)
 
     # -- transport
     def _send(self, method: str, url: str, *, headers: dict | None = None, body=None,
@@ -468,11 +296,11 @@ class RegistryClient:
         """
         scope = scope or self._scope(push)
         for attempt in range(2):
-            sent = self._auth_header(scope)
+            sent = self._auth.header(scope)
             resp = self._send_follow(method, url, headers or {}, sent, body, stream)
             if resp.status_code == 401 and attempt == 0 and _origin(resp.url) == _origin(self.base):
                 try:
-                    retry = self._on_challenge(resp.headers.get("WWW-Authenticate", ""), scope, sent)
+                    retry = self._auth.on_challenge(resp.headers.get("WWW-Authenticate", ""), scope, sent)
                 except BaseException:
                     resp.close()
                     raise
@@ -504,24 +332,31 @@ class RegistryClient:
             return resp
         raise BackendError(f"{method} {url}: more than {_MAX_REDIRECTS} redirects")
 
-    def _retrying(self, what: str, fn: Callable):
-        last: BaseException | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                delay = min(self.backoff * (2 ** (attempt - 1)), 8.0) * (0.75 + random.random() / 2)
-                log.debug("%s: %s; retry %d in %.2fs", what, last, attempt, delay)
+    def _retrying(self, what: str, fn: Callable, tries: "_Tries | None" = None):
+        """``fn()``, retried on transient failures: the client's one retry loop.
+
+        ``tries`` counts the failures of one operation across calls (a blob stream's
+        resumes and re-requests share it); by default each call is an operation of its own.
+        """
+        tries = tries if tries is not None else _Tries()
+        while True:
+            if tries.failures:
+                delay = min(self.backoff * (2 ** (tries.failures - 1)), MAX_BACKOFF) * (0.75 + random.random() / 2)
+                log.debug("%s: %s; retry %d in %.2fs", what, tries.last, tries.failures, delay)
                 time.sleep(delay)
             try:
                 return fn()
             except requests.exceptions.SSLError as e:
                 raise BackendError(f"{what}: TLS error: {e}") from e
             except _TRANSIENT as e:
-                last = e
+                tries.failures += 1
+                tries.last = e
+                if tries.failures > self.retries:
+                    raise BackendError(f"{what}: {_describe(e)} (gave up after {tries.failures} attempts)") from e
             except (BackendError, IntegrityError, FormatError):
                 raise
             except requests.RequestException as e:
                 raise BackendError(f"{what}: {e}") from e
-        raise BackendError(f"{what}: {_describe(last)} (gave up after {self.retries + 1} attempts)") from last
 
     def _check(self, resp: requests.Response, what: str, ok=(200,), not_found: str | None = None) -> None:
         code = resp.status_code
@@ -531,7 +366,8 @@ class RegistryClient:
             raise _RetryableStatus(f"HTTP {code} {_error_detail(resp)}".strip())
         detail = _error_detail(resp)
         if code == 401:
-            hint = (f"as {self._creds.username!r}" if self._creds
+            creds = self._auth.creds
+            hint = (f"as {creds.username!r}" if creds
                     else f"no credentials for {self.host} in docker config")
             raise BackendError(f"unauthorized: {what} ({hint}) {detail}".strip())
         if code == 403:
@@ -560,7 +396,7 @@ class RegistryClient:
         name = self._ref_name(ref)
 
         def fn():
-            with self._send("GET", self._url("manifests", ref), headers={"Accept": _ACCEPT}, stream=True) as r:
+            with self._send("GET", self._url("manifests", ref), headers={"Accept": MANIFEST_ACCEPT}, stream=True) as r:
                 self._check(r, f"get manifest {name}", not_found=f"manifest not found: {name}")
                 buf = bytearray()
                 for piece in r.iter_content(65536):
@@ -574,7 +410,7 @@ class RegistryClient:
         if is_digest(ref) and digest != ref:
             raise IntegrityError(f"manifest {name}: content has digest {digest}")
         media_type = ctype.split(";", 1)[0].strip()
-        if media_type not in MANIFEST_MEDIA_TYPES:
+        if media_type not in MANIFEST_TYPES:
             try:
                 mt = json.loads(data).get("mediaType")
             except (ValueError, AttributeError):
@@ -588,7 +424,7 @@ class RegistryClient:
         name = self._ref_name(ref)
 
         def fn():
-            with self._send("HEAD", self._url("manifests", ref), headers={"Accept": _ACCEPT}) as r:
+            with self._send("HEAD", self._url("manifests", ref), headers={"Accept": MANIFEST_ACCEPT}) as r:
                 if r.status_code == 404:
                     return None
                 self._check(r, f"head manifest {name}")
@@ -630,14 +466,8 @@ class RegistryClient:
         ``with`` block normally reads the rest and checks too (IntegrityError).
         A connection lost mid-stream is resumed with a Range request."""
         check_digest(digest)
-        raw = _BlobReader(self, digest)
-        buf = io.BufferedReader(raw, buffer_size=_IO_BLOCK)
-        try:
-            yield buf
-            while buf.read(_IO_BLOCK):
-                pass
-        finally:
-            buf.close()
+        with verified_stream(_BlobSource(self, digest), digest, f"{self.name}@{digest}") as f:
+            yield f
 
     def get_blob(self, digest: str, *, max_size: int = 64 << 20) -> bytes:
         """A small blob (config, ...) fully in memory, verified."""
@@ -793,100 +623,101 @@ def _describe(e: BaseException | None) -> str:
     return str(e) or type(e).__name__
 
 
-class _BlobReader(io.RawIOBase):
-    """Raw stream of one blob; sha256 checked at EOF; resumes with Range after a broken connection."""
+class _Tries:
+    """Failures so far of one retried operation (see `RegistryClient._retrying`)."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.last: BaseException | None = None
+
+
+class _BlobSource(io.RawIOBase):
+    """Raw bytes of one blob by GET; a connection broken mid-stream is resumed with a Range
+    request from where it broke.  Checks the size the registry announced; the digest is
+    `verified_stream`'s job."""
 
     def __init__(self, client: RegistryClient, digest: str):
         super().__init__()
         self._c = client
         self._digest = digest
         self._name = f"{client.name}@{digest}"
-        self._hash = hashlib.sha256()
+        self._tries = _Tries()             # resumes and re-requests of this stream share the retries
         self._pos = 0
         self._size: int | None = None
         self._resp: requests.Response | None = None
-        self._resumes = 0
         self._error: BaseException | None = None
         self._done = False
-        self._open()
+        self._resp = self._c._retrying(self._what(), self._open, self._tries)
 
     def readable(self) -> bool:
         return True
 
-    def _open(self) -> None:
-        pos = self._pos
-        what = f"get blob {self._name}" + (f" from offset {pos}" if pos else "")
+    def _what(self) -> str:
+        return f"get blob {self._name}" + (f" from offset {self._pos}" if self._pos else "")
 
-        def fn():
-            hdrs = {"Range": f"bytes={pos}-"} if pos else {}
-            r = self._c._send("GET", self._c._url("blobs", self._digest), headers=hdrs, stream=True)
-            try:
-                self._c._check(r, what, ok=(200, 206), not_found=f"blob not found: {self._name}")
-                if r.status_code == 206:
-                    m = _CONTENT_RANGE_RE.match(r.headers.get("Content-Range", ""))
-                    if not m or int(m.group(1)) != pos:
-                        raise BackendError(f"{what}: bad Content-Range {r.headers.get('Content-Range')!r}")
-                    size = int(m.group(3)) if m.group(3) != "*" else None
-                else:
-                    cl = r.headers.get("Content-Length")
-                    size = int(cl) if cl is not None else None
-                    if pos and _skip(r.raw, pos) < pos:
-                        raise _Truncated(f"body ended before offset {pos}")
-                return r, size
-            except BaseException:
-                r.close()
-                raise
-
-        self._resp, size = self._c._retrying(what, fn)
+    def _open(self) -> requests.Response:
+        """One GET from the current position (a Range request past 0)."""
+        pos, what = self._pos, self._what()
+        hdrs = {"Range": f"bytes={pos}-"} if pos else {}
+        r = self._c._send("GET", self._c._url("blobs", self._digest), headers=hdrs, stream=True)
+        try:
+            self._c._check(r, what, ok=(200, 206), not_found=f"blob not found: {self._name}")
+            if r.status_code == 206:
+                m = _CONTENT_RANGE_RE.match(r.headers.get("Content-Range", ""))
+                if not m or int(m.group(1)) != pos:
+                    raise BackendError(f"{what}: bad Content-Range {r.headers.get('Content-Range')!r}")
+                size = int(m.group(3)) if m.group(3) != "*" else None
+            else:
+                cl = r.headers.get("Content-Length")
+                size = int(cl) if cl is not None else None
+                if pos and _skip(r.raw, pos) < pos:
+                    raise _Truncated(f"body ended before offset {pos}")
+        except BaseException:
+            r.close()
+            raise
         if size is not None:
             if self._size is not None and size != self._size:
+                r.close()
                 raise BackendError(f"get blob {self._name}: size changed from {self._size} to {size}")
             self._size = size
+        return r
+
+    def _read(self, n: int) -> bytes:
+        if self._resp is None:             # broken before: resume where it broke
+            self._resp = self._open()
+        try:
+            return self._resp.raw.read(n, decode_content=False)
+        except BaseException:
+            self._resp.close()
+            self._resp = None
+            raise
 
     def readinto(self, b) -> int:
         if self._error is not None:
             raise self._error
         if self._done:
             return 0
-        want = len(b)
+        want = min(len(b), IO_BLOCK)
         if want == 0:
             return 0
-        while True:
-            try:
-                data = self._resp.raw.read(min(want, _IO_BLOCK), decode_content=False)
-                break
-            except _TRANSIENT as e:
-                if self._resumes >= self._c.retries:
-                    self._error = BackendError(
-                        f"get blob {self._name}: {_describe(e)} at offset {self._pos} "
-                        f"(gave up after {self._resumes} resumes)")
-                    raise self._error from e
-                self._resumes += 1
-                log.debug("get blob %s: %s at %d; resuming", self._name, e, self._pos)
-                self._resp.close()
-                time.sleep(self._c.backoff * (2 ** (self._resumes - 1)))
-                self._open()
+        try:
+            data = self._c._retrying(self._what(), lambda: self._read(want), self._tries)
+        except BackendError as e:
+            self._error = e
+            raise
         n = len(data)
         if n == 0:
-            self._finish()
+            if self._size is not None and self._pos < self._size:
+                self._error = BackendError(f"get blob {self._name}: ended at {self._pos} of {self._size} bytes")
+                raise self._error
+            self._done = True
             return 0
         if self._size is not None and self._pos + n > self._size:
             self._error = IntegrityError(f"blob {self._name}: more bytes than the announced {self._size}")
             raise self._error
-        self._hash.update(data)
         b[:n] = data
         self._pos += n
         return n
-
-    def _finish(self) -> None:
-        if self._size is not None and self._pos < self._size:
-            self._error = BackendError(f"get blob {self._name}: ended at {self._pos} of {self._size} bytes")
-            raise self._error
-        got = "sha256:" + self._hash.hexdigest()
-        if got != self._digest:
-            self._error = IntegrityError(f"blob {self._name}: content has digest {got}")
-            raise self._error
-        self._done = True
 
     def close(self) -> None:
         if self._resp is not None:

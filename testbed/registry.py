@@ -1,28 +1,29 @@
-"""A local registry for demos and tests: Debian's ``docker-registry`` (distribution 2.8) on 127.0.0.1.
+"""A real registry: Debian's ``docker-registry`` (distribution 2.8) on 127.0.0.1, for the README's
+demo (``testbed.demo``), the tests and the benchmarks.
 
-    with run_registry(workdir) as reg:           # always stopped on exit
+    with run_registry(workdir) as reg:           # always stopped on exit (or the `registry` fixtures)
         reg.host                                 # "127.0.0.1:PORT"
         n = reg.mark()
         ...
         gets = reg.blob_gets(since=n)            # GET /v2/<repo>/blobs/<digest> entries
         sum(e.bytes for e in gets)               # body bytes the registry served
     push_image("oci:DIR:TAG", f"{reg.host}/repo:tag")
+    skopeo_copy("oci:DIR:TAG", f"docker://{reg.host}/repo:tag")
 
 The access log is distribution's combined-format log on stdout (gorilla
 handlers): client, user, time, request line, status, *body bytes written*,
 referer, user agent.  It does NOT contain the Range header; a range GET shows
 as status 206 with ``bytes`` = bytes actually sent.  (Application log on
-stderr: ``registry.log``.)  The README's main job (``converter.demo``) and the
-tests (``tests.helpers.registry``) both use it.
+stderr: ``registry.log``.)
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import requests
+
+from .process import free_port, spawn, stop_process
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
@@ -74,22 +77,6 @@ def parse_access_log(text: str) -> list[AccessLogEntry]:
     return out
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the test process dies without stopping us (Linux prctl)."""
-    try:
-        import ctypes
-        import signal
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_htpasswd(path: str | os.PathLike, users: Mapping[str, str]) -> Path:
     """A bcrypt htpasswd file (the only hash distribution accepts).
 
@@ -114,10 +101,13 @@ def make_htpasswd(path: str | os.PathLike, users: Mapping[str, str]) -> Path:
 
 
 class Registry:
-    """One docker-registry process; start()/stop() may be repeated (same port and storage)."""
+    """One docker-registry process; start()/stop() may be repeated (same port and storage).
+
+    It listens on `ip` (default loopback; e.g. a network lab's host address, testbed.netns).
+    """
 
     def __init__(self, workdir: str | os.PathLike, *, htpasswd: str | os.PathLike | Mapping[str, str] | None = None,
-                 port: int | None = None):
+                 port: int | None = None, ip: str = "127.0.0.1"):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.storage_dir = self.workdir / "storage"
@@ -128,12 +118,13 @@ class Registry:
         if isinstance(htpasswd, Mapping):
             htpasswd = make_htpasswd(self.workdir / "htpasswd", htpasswd)
         self.htpasswd = Path(htpasswd) if htpasswd else None
-        self.port = port or free_port()
+        self.ip = ip
+        self.port = port or free_port(ip)
         self.proc: subprocess.Popen | None = None
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.ip}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -173,20 +164,13 @@ class Registry:
             raise RuntimeError(f"{REGISTRY_BIN} missing (apt-get install docker-registry)")
         for attempt in range(3):
             self._write_config()
-            out = open(self.access_log_path, "ab")
-            err = open(self.app_log_path, "ab")
-            try:
-                self.proc = subprocess.Popen([REGISTRY_BIN, "serve", str(self.config_path)], stdout=out, stderr=err,
-                                             stdin=subprocess.DEVNULL, start_new_session=True,
-                                             preexec_fn=_die_with_parent)
-            finally:
-                out.close()
-                err.close()
+            self.proc = spawn([REGISTRY_BIN, "serve", self.config_path], self.app_log_path,
+                              stdout_path=self.access_log_path)
             if self._wait_ready(timeout):
                 return self
             self.stop()
             if "address already in use" in self.app_log_path.read_text(errors="replace") and attempt < 2:
-                self.port = free_port()
+                self.port = free_port(self.ip)
                 continue
             break
         tail = self.app_log_path.read_text(errors="replace")[-2000:]
@@ -208,7 +192,7 @@ class Registry:
 
     def stop(self) -> None:
         p, self.proc = self.proc, None
-        stop_process(p)
+        stop_process(p, 5)
 
     @property
     def running(self) -> bool:
@@ -266,8 +250,9 @@ def run_registry(tmpdir: str | os.PathLike, *, htpasswd: str | os.PathLike | Map
 
 def push_image(source: str, target: str, *, plain_http: bool = True) -> str:
     """Copy one image (a single manifest, not an index) from ``source`` (oci:DIR[:TAG] or a
-    registry) to registry reference ``target``; returns the manifest digest."""
-    from .store import open_store
+    registry) to registry reference ``target`` with pynydus's own image store; returns the
+    manifest digest."""
+    from rafs.image.store import open_store
     with open_store(source) as src, open_store(target, plain_http=plain_http) as dst:
         desc = src.resolve()
         raw = src.get_bytes(desc.digest)
@@ -286,13 +271,32 @@ def push_image(source: str, target: str, *, plain_http: bool = True) -> str:
         return desc.digest
 
 
-def stop_process(p: subprocess.Popen | None, timeout: float = 5) -> None:
-    """Terminate a child we started (by its pid, never by name), killing it if it lingers."""
-    if p is None or p.poll() is not None:
-        return
-    p.terminate()
-    try:
-        p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(timeout=timeout)
+def skopeo_copy(src: str, dst: str, *, all_images: bool = False, preserve_digests: bool = True,
+                src_creds: str | None = None, dest_creds: str | None = None, authfile: str | None = None,
+                extra: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess:
+    """``skopeo copy`` with TLS verification off (plain-http loopback registries) and no signature policy."""
+    cmd = ["skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false"]
+    if all_images:
+        cmd.append("--all")
+    if preserve_digests:
+        cmd.append("--preserve-digests")
+    if src_creds:
+        cmd += ["--src-creds", src_creds]
+    if dest_creds:
+        cmd += ["--dest-creds", dest_creds]
+    if authfile:
+        cmd += ["--authfile", authfile]
+    cmd += [*extra, src, dst]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr}{r.stdout}")
+    return r
+
+
+def write_docker_config(config_dir: str | os.PathLike, auths: Mapping[str, tuple[str, str]]) -> Path:
+    """``config_dir/config.json`` with ``auths[host].auth`` = base64(user:password)."""
+    d = Path(config_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {"auths": {h: {"auth": base64.b64encode(f"{u}:{p}".encode()).decode()} for h, (u, p) in auths.items()}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d / "config.json"

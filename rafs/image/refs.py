@@ -3,6 +3,10 @@
 There is no default registry: a registry reference must start with a host,
 recognised (like docker does) by a '.' or ':' in the first path component, or
 by being ``localhost``.
+
+Docker Hub is the one registry with other names: ``docker.io/app`` means the
+repository ``library/app`` on ``registry-1.docker.io`` (`registry_endpoint`),
+and a docker config may file its credentials under any of `DOCKER_HUB_HOSTS`.
 """
 
 from __future__ import annotations
@@ -11,10 +15,17 @@ import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from .digests import is_digest
+
 DEFAULT_TAG = "latest"
 
+#: Every name of Docker Hub's registry.
+DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
+#: The host Docker Hub's registry API answers on.
+DOCKER_HUB_REGISTRY = "registry-1.docker.io"
+_HUB_SHORT_NAMES = frozenset({"docker.io", "index.docker.io"})   # written in references, not served
+
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPO_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]+)?$")
@@ -22,6 +33,14 @@ _HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za
 
 class RefError(ValueError):
     """A reference string that cannot be parsed."""
+
+
+def registry_endpoint(host: str, repo: str) -> tuple[str, str]:
+    """The (host, repository) to send API requests to: Docker Hub's short names resolved
+    (``docker.io/app`` -> ``registry-1.docker.io``, ``library/app``); others as they are."""
+    if host in _HUB_SHORT_NAMES:
+        return DOCKER_HUB_REGISTRY, repo if "/" in repo else "library/" + repo
+    return host, repo
 
 
 @dataclass(frozen=True)
@@ -55,13 +74,18 @@ class ImageRef:
     def is_registry(self) -> bool:
         return self.kind == "registry"
 
+    @property
+    def endpoint(self) -> tuple[str, str]:
+        """A registry reference's (host, repository) to send requests to (see `registry_endpoint`)."""
+        return registry_endpoint(self.host, self.repo)
+
     def with_tag(self, tag: str) -> "ImageRef":
         if not _TAG_RE.match(tag):
             raise RefError(f"invalid tag {tag!r}")
         return replace(self, tag=tag, digest=None, tag_given=True)
 
     def with_digest(self, digest: str) -> "ImageRef":
-        if not _DIGEST_RE.match(digest):
+        if not is_digest(digest):
             raise RefError(f"invalid digest {digest!r}")
         return replace(self, digest=digest)
 
@@ -70,7 +94,7 @@ def _split_digest(s: str, whole: str) -> tuple[str, str | None]:
     if "@" not in s:
         return s, None
     s, _, digest = s.rpartition("@")
-    if not _DIGEST_RE.match(digest):
+    if not is_digest(digest):
         raise RefError(f"{whole!r}: invalid digest {digest!r} (want sha256:<64 lowercase hex>)")
     return s, digest
 

@@ -15,7 +15,7 @@ import shutil
 import tarfile
 import tempfile
 
-from . import media
+from rafs.image import media
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "ls", "cat", "echo", "wc", "head", "sha256sum", "du", "find", "true", "sleep", "grep")
@@ -96,7 +96,7 @@ def build_sample_layout(layout_dir: str, tag: str = "latest") -> str:
     manifest = {"schemaVersion": 2, "mediaType": media.OCI_MANIFEST,
                 "config": _put(blobs, media.OCI_CONFIG, config), "layers": layers}
     top = _put(blobs, media.OCI_MANIFEST, manifest)
-    top["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    top["annotations"] = {media.ANNOTATION_REF_NAME: tag}
     with open(os.path.join(layout_dir, "oci-layout"), "w") as f:
         json.dump({"imageLayoutVersion": "1.0.0"}, f)
     with open(os.path.join(layout_dir, "index.json"), "w") as f:
