@@ -196,6 +196,17 @@ class TestCacheOverP2P(CacheConformance):
         yield P2PCacheEnv(blob, spy, tmp_path / "cache", lambda off: _flip(data, off), make_origin=origin)
         spy.close()
 
+    def test_amplify_widens_a_miss_over_the_next_missing_chunks_only(self, cache_env: CacheEnv):
+        """P2P mounts do not widen misses (p2p/service.py: its backend reads ahead over the LAN itself, never
+        from the registry): whatever amplify asks, a miss fetches just its chunk from the registry."""
+        e = cache_env.blob.entries
+        limit = e[0].compressed_size + e[1].compressed_size + e[2].compressed_size // 2
+        with cache_env.open(readahead=False, amplify=limit) as c:
+            cache_env.spy.reset()
+            assert c.read(e[0].uncompressed_offset, 10) == cache_env.blob.view[e[0].uncompressed_offset:][:10]
+            (_, off, size), = cache_env.data_calls()
+            assert (off, size) == (e[0].compressed_offset, e[0].compressed_size)
+
 
 # --------------------------------------------------------------------------- registry specifics
 
