@@ -243,14 +243,17 @@ def _check_blob_meta(read_at, size: int, info, name: str) -> None:
                                  f"the chunk table's ({e.digest.hex()})")
 
 
-def check(source: str, target: str, *, plain_http: bool = False, platform: str | None = None) -> tuple[list[str], dict]:
+def check(source: str, target: str, *, plain_http: bool = False, platform: str | None = None,
+          hosts_dir: str | None = None, source_insecure: bool = False,
+          target_insecure: bool = False) -> tuple[list[str], dict]:
     """Differences between SOURCE and TARGET (empty: a faithful conversion) and what was verified.
 
     Every platform the target holds is checked against the source's manifest for
     that platform; without `platform`, a source platform that a target index
     lacks is a difference too. Problems of multi-platform targets start with the platform.
     """
-    with open_store(source, plain_http=plain_http) as src, open_store(target, plain_http=plain_http) as dst:
+    with open_store(source, plain_http=plain_http, hosts_dir=hosts_dir, insecure=source_insecure) as src, \
+            open_store(target, plain_http=plain_http, hosts_dir=hosts_dir, insecure=target_insecure) as dst:
         dst_top, src_top = dst.resolve(), src.resolve()
         targets = dst.manifests_for(dst_top, platform)
         if not targets:

@@ -18,17 +18,19 @@ from .pack import ChunkDict
 
 
 def load_chunk_dict(ref: str, target: ImageStore, plain_http: bool, *, digester: str | None = None,
-                    chunk_size: int | None = None) -> ChunkDict:
+                    chunk_size: int | None = None, hosts_dir: str | None = None,
+                    insecure: bool = False) -> ChunkDict:
     """Index every chunk the dictionary's bootstrap lists, by digest.
 
     `ref`: an image reference, or a local bootstrap file (or a blob file carrying one) whose
     blobs are looked up in the target (where they must already be) when a conversion uses them.
-    With `digester`/`chunk_size`, a dictionary that cannot match is a ValueError.
+    With `digester`/`chunk_size`, a dictionary that cannot match is a ValueError. `hosts_dir` and
+    `insecure` choose the dictionary registry's hosts and TLS (`rafs.image.hosts`).
     """
     if os.path.isfile(ref):
         boot, store = open_local(ref).bootstrap, target
     else:
-        store = open_store(ref, plain_http=plain_http)
+        store = open_store(ref, plain_http=plain_http, hosts_dir=hosts_dir, insecure=insecure)
         boot = load_from_store(store).bootstrap
     _compatible(ref, boot, digester, chunk_size)
     chunk_dict = ChunkDict(store=store)

@@ -11,6 +11,7 @@ from rafs.blob import CHUNK_SIZE_DEFAULT
 from rafs.compress import COMPRESSORS, canonical_compressor
 from rafs.digest import DIGESTERS
 from rafs.errors import RafsError
+from rafs.image.hosts import DEFAULT_HOSTS_DIR
 
 from .layer import LayerError
 
@@ -41,8 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, platform=None):
-        sp.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to registries")
+        sp.add_argument("--plain-http", action="store_true",
+                        help="talk HTTP, not HTTPS, to registries (every side; a hosts.toml server/host "
+                             "URL still says its own scheme)")
+        sp.add_argument("--hosts-dir", metavar="DIR", default=DEFAULT_HOSTS_DIR,
+                        help="containerd's registry hosts directory: DIR/HOST[:PORT]/hosts.toml (mirrors, "
+                             "ca, client certificates, skip_verify, ...), as containerd reads it; "
+                             f"default {DEFAULT_HOSTS_DIR}; '' reads none")
         (platform or sp).add_argument("--platform", help="os/arch[/variant] of a multi-platform image")
+
+    def insecure(sp, *sides):
+        for side in sides:
+            sp.add_argument(f"--{side}-insecure", action="store_true",
+                            help=f"skip verifying the {side.replace('-', ' ')} registry's TLS certificate, "
+                                 "and speak HTTP to it if it answers in plain HTTP")
 
     c = sub.add_parser("convert", help="convert SRC (oci:DIR[:TAG] or HOST/REPO:TAG) into DST")
     c.add_argument("--source", required=True)
@@ -53,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="chunk compressor (Nydus's): zstd (default), lz4 (= lz4_block, a raw LZ4 block) or none")
     c.add_argument("--digester", choices=DIGESTERS, default="blake3",
                    help="chunk digester: blake3 (default, as nydusify) or sha256")
+    insecure(c, "source", "target", "chunk-dict")
     c.add_argument("--chunk-dict", help="chunks to reuse, as nydus-image's --chunk-dict: the chunk table of a "
                                         "converted image (REF) or of a local bootstrap (or blob file carrying "
                                         "one), whose blobs must then be in the target; same chunk size and digester")
@@ -71,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("check", help="verify that TARGET is a faithful conversion of SOURCE")
     k.add_argument("--source", required=True)
     k.add_argument("--target", required=True)
+    insecure(k, "source", "target")
     common(k)
 
     i = sub.add_parser("inspect", help="summarize a converted image, or a bootstrap or blob file")
@@ -97,10 +112,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except (RafsError, LayerError, ValueError, OSError) as e:
-        print(f"nydusify {args.command}: error: {e}", file=sys.stderr)
+        print(f"nydusify {args.command}: error: {e}{_tls_hint(args, e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _tls_hint(args, e: BaseException) -> str:
+    """For a TLS failure: the side's own flag that would get past it (convert, check)."""
+    from rafs.image.hosts import namespace_of
+    from rafs.image.refs import parse_ref
+    from rafs.image.tls import TLSError
+    if not isinstance(e, TLSError) or e.kind not in ("untrusted", "hostname", "plain-http"):
+        return ""
+    for side in ("source", "target", "chunk_dict"):
+        ref = getattr(args, side, None)
+        if not ref or not hasattr(args, f"{side}_insecure") or getattr(args, f"{side}_insecure"):
+            continue
+        try:
+            r = parse_ref(ref)
+        except (RafsError, ValueError):
+            continue
+        if r.kind != "oci" and e.host in (r.host, namespace_of(r.host), r.endpoint[0]):
+            return f"; or give --{side.replace('_', '-')}-insecure"
+    return ""
 
 
 def _convert(args) -> int:
@@ -108,7 +143,9 @@ def _convert(args) -> int:
     from .prefetch import read_patterns
     opts = ConvertOptions(chunk_size=args.chunk_size, compressor=args.compressor, digester=args.digester,
                           chunk_dict=args.chunk_dict, platform=None if args.all_platforms else args.platform,
-                          plain_http=args.plain_http,
+                          plain_http=args.plain_http, hosts_dir=args.hosts_dir or None,
+                          source_insecure=args.source_insecure, target_insecure=args.target_insecure,
+                          chunk_dict_insecure=args.chunk_dict_insecure,
                           prefetch_patterns=read_patterns(args.prefetch_patterns) if args.prefetch_patterns else [],
                           progress=True)
     start = time.monotonic()
@@ -124,7 +161,9 @@ def _convert(args) -> int:
 
 def _check(args) -> int:
     from .check import check
-    problems, stats = check(args.source, args.target, plain_http=args.plain_http, platform=args.platform)
+    problems, stats = check(args.source, args.target, plain_http=args.plain_http, platform=args.platform,
+                            hosts_dir=args.hosts_dir or None, source_insecure=args.source_insecure,
+                            target_insecure=args.target_insecure)
     if problems:
         print(f"check FAILED: {len(problems)} differences between {args.source} and {args.target}:")
         for line in problems[:200]:
@@ -142,7 +181,7 @@ def _inspect(args) -> int:
     from .inspect import render, summarize
     from .nydus_image import open_nydus_image
     with open_nydus_image(args.ref, plain_http=args.plain_http, platform=args.platform,
-                          blob_dir=args.blob_dir) as image:
+                          blob_dir=args.blob_dir, hosts_dir=args.hosts_dir or None) as image:
         summary = summarize(image)
     print(json.dumps(summary, indent=2) if args.json else render(summary))
     return 0
@@ -152,7 +191,7 @@ def _export(args) -> int:
     from .export import export
     from .nydus_image import open_nydus_image
     with open_nydus_image(args.ref, plain_http=args.plain_http, platform=args.platform,
-                          blob_dir=args.blob_dir) as image:
+                          blob_dir=args.blob_dir, hosts_dir=args.hosts_dir or None) as image:
         devices = export(image, args.dir)
     opts = ",".join(f"device={d}" for d in devices)
     print(f"wrote {args.dir}/image.boot and {len(devices)} devices; mount with mount(2): "

@@ -51,7 +51,11 @@ class ConvertOptions:
     chunk_dict: str | None = None
     prefetch_patterns: list = field(default_factory=list)   # pattern lines (str) or prefetch.Pattern
     platform: str | None = None          # None: every platform of an index
-    plain_http: bool = False
+    plain_http: bool = False             # every side (source, target, chunk dict)
+    hosts_dir: str | None = None         # containerd's hosts directory (rafs.image.hosts); None: none
+    source_insecure: bool = False        # skip TLS verification (and allow plain HTTP) per side
+    target_insecure: bool = False
+    chunk_dict_insecure: bool = False
     workers: int = max(2, os.cpu_count() or 2)
     progress: bool = False
 
@@ -74,12 +78,15 @@ def convert(source: str, target: str, opts: ConvertOptions) -> list[ConvertedMan
     opts = dataclasses.replace(opts, compressor=check_compressor(canonical_compressor(opts.compressor)),
                                digester=check_digester(opts.digester))
     as_patterns(opts.prefetch_patterns)      # a malformed line fails now, not after the layers are read
-    with open_store(source, plain_http=opts.plain_http) as src, \
-            open_store(target, plain_http=opts.plain_http, create=True) as dst, \
+    with open_store(source, plain_http=opts.plain_http, hosts_dir=opts.hosts_dir,
+                    insecure=opts.source_insecure) as src, \
+            open_store(target, plain_http=opts.plain_http, create=True, hosts_dir=opts.hosts_dir,
+                       insecure=opts.target_insecure) as dst, \
             tempfile.TemporaryDirectory(prefix="nydusify-") as workdir, \
             ThreadPoolExecutor(opts.workers, thread_name_prefix="chunk") as pool:
         chunk_dict = load_chunk_dict(opts.chunk_dict, dst, opts.plain_http, digester=opts.digester,
-                                     chunk_size=opts.chunk_size) if opts.chunk_dict else None
+                                     chunk_size=opts.chunk_size, hosts_dir=opts.hosts_dir,
+                                     insecure=opts.chunk_dict_insecure) if opts.chunk_dict else None
         top = src.resolve()
         entries = src.manifests_for(top, opts.platform)
         if not entries:

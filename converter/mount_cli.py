@@ -2,6 +2,7 @@
 
     nydusify mount REF MOUNTPOINT [--mode auto|fuse|erofs] [--cache-dir DIR] [--prefetch-all]
                    [--plain-http] [--platform P] [--blob-dir DIR] [--daemon [--pid-file F]]
+                   [--mirror SPEC ...] [--metrics-address HOST:PORT]
     nydusify umount MOUNTPOINT
     nydusify stats MOUNTPOINT [--json]
 
@@ -22,11 +23,11 @@ import os
 from rafs.api import ApiClient
 from rafs.errors import RafsError
 from rafs.image.refs import parse_ref
-from rafs.image.store import open_store
+from rafs.image.store import RegistryStore, open_store
 from rafs.launcher import add_mount_options, launch, load_cache_builder
 from rafs.mounttab import request_umount, state_paths
 from rafs.storage.backend import LocalFsBackend
-from rafs.storage.factory import BackendConfig, build_backend
+from rafs.storage.factory import BackendConfig, build_backend, store_hosts
 
 from .nydus_image import load_from_store, open_local
 
@@ -56,9 +57,12 @@ def add_parsers(sub, common, add_blob_dir=None) -> None:
 
 
 def open_image(ref: str, *, plain_http: bool = False, platform: str | None = None,
-               blob_dir: str | None = None):
+               blob_dir: str | None = None, mirrors=(), hosts_dir: str | None = None):
     """(raw bootstrap, blob backend, description) of a converted image reference, or of a local
-    bootstrap or blob file (`nydus_image.open_local`) whose blobs are files in `blob_dir`."""
+    bootstrap or blob file (`nydus_image.open_local`) whose blobs are files in `blob_dir`. `mirrors`
+    (`MirrorConfig`s) are tried before the registry, for the manifest and bootstrap as for blob chunks."""
+    if mirrors and (os.path.isfile(ref) or parse_ref(ref).kind == "oci"):
+        raise ValueError(f"--mirror goes with a registry reference; {ref} is not one")
     if os.path.isfile(ref):
         image = open_local(ref, blob_dir)
         if image.backend is None:
@@ -67,13 +71,18 @@ def open_image(ref: str, *, plain_http: bool = False, platform: str | None = Non
     if blob_dir is not None:
         raise ValueError(f"--blob-dir goes with a local bootstrap or blob file; {ref} is not a file")
     r = parse_ref(ref)
-    with open_store(r, plain_http=plain_http) as store:
+    if mirrors:
+        opened = RegistryStore(r, hosts=store_hosts(r.host, mirrors, hosts_dir=hosts_dir, plain_http=plain_http))
+    else:
+        opened = open_store(r, plain_http=plain_http, hosts_dir=hosts_dir)
+    with opened as store:
         image = load_from_store(store, platform)
         if r.kind == "oci":
             backend = LocalFsBackend(r.path)
         else:
-            backend = build_backend(BackendConfig(kind="registry", host=store.client.host,
-                                                  repo=store.client.repo, plain_http=plain_http))
+            host, repo = r.endpoint
+            backend = build_backend(BackendConfig(kind="registry", host=host, repo=repo, plain_http=plain_http,
+                                                  mirrors=list(mirrors), hosts_dir=hosts_dir))
     desc = {"ref": str(r), "backend": backend.name}
     return image.raw_bootstrap, backend, desc
 
@@ -83,14 +92,18 @@ def _mount(args) -> int:
     # its own options)
     if getattr(args, "blob_dir", None):
         args.blob_dir = os.path.abspath(args.blob_dir)
+    if getattr(args, "hosts_dir", None):
+        args.hosts_dir = os.path.abspath(args.hosts_dir)
     if os.path.isfile(args.ref):
         args.ref = os.path.abspath(args.ref)
 
     def report(daemon) -> str:
         return (f"mounted {daemon.cfg.description['ref']} at {daemon.mountpoint}: mode {daemon.mode} "
-                f"({daemon.mode_reason}); pid {os.getpid()}, stats: nydusify stats {daemon.mountpoint}")
+                f"({daemon.mode_reason}); pid {os.getpid()}, stats: nydusify stats {daemon.mountpoint}"
+                + (f", metrics: {daemon.cfg.description['metrics']}" if "metrics" in daemon.cfg.description else ""))
     return launch(args, lambda: open_image(args.ref, plain_http=args.plain_http, platform=args.platform,
-                                           blob_dir=getattr(args, "blob_dir", None)),
+                                           blob_dir=getattr(args, "blob_dir", None), mirrors=args.mirrors,
+                                           hosts_dir=getattr(args, "hosts_dir", None) or None),
                   caches=load_cache_builder(P2P_CACHES), detach=args.daemon, report=report,
                   error_prefix="nydusify mount")
 

@@ -156,7 +156,7 @@ def load_manifest(store: ImageStore, desc: Descriptor) -> NydusImage:
 
 @contextmanager
 def open_nydus_image(ref: str, *, plain_http: bool = False, platform: str | None = None,
-                     blob_dir: str | None = None) -> Iterator[NydusImage]:
+                     blob_dir: str | None = None, hosts_dir: str | None = None) -> Iterator[NydusImage]:
     """`ref` is an image reference, or a local bootstrap or blob file (see `open_local`)."""
     if os.path.isfile(ref):
         image = open_local(ref, blob_dir)
@@ -168,5 +168,5 @@ def open_nydus_image(ref: str, *, plain_http: bool = False, platform: str | None
         return
     if blob_dir is not None:
         raise ValueError(f"--blob-dir goes with a local bootstrap or blob file; {ref} is not a file")
-    with open_store(ref, plain_http=plain_http) as store:
+    with open_store(ref, plain_http=plain_http, hosts_dir=hosts_dir) as store:
         yield load_from_store(store, platform)

@@ -19,9 +19,10 @@ it instead, `load_cache_builder("p2p.cli:MOUNT_CACHES")`. A builder adds its own
 
 `launch(args, open_image, report=...)`:
 
-1. makes the paths absolute (a detached daemon changes to "/"); with `detach`, forks a daemon in its
-   own session (`spawn_daemon`, log in the state dir): the launching process waits for its report,
-   prints it and leaves, 0 if the mount is ready, 1 if not;
+1. makes the paths absolute (a detached daemon changes to "/") and parses the `--mirror` specs into
+   `args.mirrors` (`MirrorConfig`s, for `open_image`'s registry backend: `BackendConfig(mirrors=...)`);
+   with `detach`, forks a daemon in its own session (`spawn_daemon`, log in the state dir): the
+   launching process waits for its report, prints it and leaves, 0 if the mount is ready, 1 if not;
 2. in the daemon: opens the image, builds the caches, makes and starts the `MountDaemon`; an error is
    reported to the launching process as "PREFIX: error: ..." and raised;
 3. prints `report(daemon)` and hands it to the launching process (which may be gone: serve anyway);
@@ -87,7 +88,8 @@ def load_cache_builder(spec: str) -> CacheBuilder:
 def add_mount_options(parser, *, caches: CacheBuilder = DIRECT_CACHES, cache_dir_default: str | None = None,
                       require_state: bool = False) -> None:
     """Declare the mount options `launch` reads: --mode, --cache-dir (required without a default),
-    --prefetch-all, --run-dir, --pid-file (both required with `require_state`), and those of `caches`.
+    --prefetch-all, --run-dir, --pid-file (both required with `require_state`), --mirror (repeatable),
+    --metrics-address, and those of `caches`.
     The image and the mountpoint are the entry point's own."""
     from .daemon import MODES
     parser.add_argument("--mode", choices=MODES, default="auto",
@@ -99,6 +101,14 @@ def add_mount_options(parser, *, caches: CacheBuilder = DIRECT_CACHES, cache_dir
     parser.add_argument("--run-dir", required=require_state,
                         help="state directory root (default $PYNYDUS_RUN_DIR or /run/pynydus)")
     parser.add_argument("--pid-file", required=require_state, help="write the daemon's pid here")
+    parser.add_argument("--mirror", action="append", default=[], metavar="SPEC",
+                        help="a registry mirror tried before the registry, repeatable, in order: a URL "
+                             "(http://127.0.0.1:65001), KEY=VALUE,... with nydusd's mirror keys (host, "
+                             "header=NAME:VALUE, auth_through, ping_url, health_check_interval, failure_limit) "
+                             "or a JSON object; see rafs/storage/backend/mirror.py")
+    parser.add_argument("--metrics-address", metavar="HOST:PORT",
+                        help="serve Prometheus metrics of this mount at http://HOST:PORT/metrics "
+                             "(port 0: a free one, shown by stats)")
     if caches.add_options is not None:
         caches.add_options(parser)
 
@@ -117,10 +127,15 @@ def launch(args, open_image: Callable[[], tuple[bytes, Any, dict]], *, report: C
     with `quick_exit` leaves at once by `os._exit` (no interpreter teardown on a start's path)."""
     from .daemon import MountConfig, MountDaemon
     from .mounttab import state_paths
+    from .storage.backend.mirror import parse_mirrors
 
     for name in ("mountpoint", "cache_dir", "run_dir", "pid_file"):
         if getattr(args, name, None):
             setattr(args, name, os.path.abspath(getattr(args, name)))
+    args.mirrors = parse_mirrors(getattr(args, "mirror", None))     # MirrorConfigs for open_image's backend
+    if getattr(args, "metrics_address", None):
+        from .prometheus import parse_address
+        parse_address(args.metrics_address)       # a typo fails here, before anything is mounted
     notify = None
     if detach:
         pid, result = spawn_daemon(state_paths(args.mountpoint, args.run_dir).log)
@@ -147,6 +162,7 @@ def launch(args, open_image: Callable[[], tuple[bytes, Any, dict]], *, report: C
             manager.close()
             raise
         daemon.start()
+        metrics = _serve_metrics(daemon, args.metrics_address) if getattr(args, "metrics_address", None) else None
     except BaseException as e:
         if notify:
             notify(False, f"{error_prefix}: error: {e}")
@@ -158,9 +174,27 @@ def launch(args, open_image: Callable[[], tuple[bytes, Any, dict]], *, report: C
             notify(True, message)
         except OSError:  # the launching process is gone (killed): serve anyway; a healthy mount is adopted
             print("the launching process is gone; serving anyway", flush=True)
-    why = daemon.run()
+    try:
+        why = daemon.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
     print(f"unmounted {daemon.mountpoint}: {why}", flush=True)
     return 0
+
+
+def _serve_metrics(daemon, address: str):
+    """Prometheus /metrics of `daemon` on `address` (rafs.prometheus); its URL goes into the daemon's
+    description (stats). A failure stops the daemon: the mount was asked for with its metrics."""
+    try:
+        from .prometheus import MountCollector, serve_metrics
+        server = serve_metrics(address, MountCollector(lambda: [daemon.stats()]))
+    except BaseException:
+        daemon.stop()
+        raise
+    daemon.cfg.description["metrics"] = server.url
+    logging.getLogger(__name__).info("serving Prometheus metrics at %s", server.url)
+    return server
 
 
 def spawn_daemon(log_path: str) -> tuple[int | None, object]:

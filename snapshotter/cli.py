@@ -1,7 +1,8 @@
 """``nydus-snapshotter``: the containerd proxy snapshotter and its client commands.
 
     nydus-snapshotter [--address SOCK] [--root DIR] [--config FILE] [--log-level L]   # serve
-    nydus-snapshotter rpull --address CONTAINERD_SOCK [--namespace NS] [--plain-http] REF
+    nydus-snapshotter rpull --address CONTAINERD_SOCK [--namespace NS] [--plain-http] [--hosts-dir DIR]
+                            [--mirror SPEC ...] REF
     nydus-snapshotter status [--root DIR | --config FILE] [--json]
 
 Configuration files are parsed here (config.py); the rest of the package takes
@@ -50,6 +51,15 @@ def serve(argv: list[str]) -> int:
         from .lazy import RafsMounts
         lazy = RafsMounts(cfg)
     sn = NydusSnapshotter(cfg.root, lazy=lazy, mount_at=cfg.daemon.mount_at)
+    metrics = None
+    if cfg.metrics.address:                 # the node's Prometheus endpoint (metrics.py)
+        from .metrics import serve as serve_metrics
+        try:
+            metrics = serve_metrics(cfg.metrics.address, sn.store, lazy)
+        except BaseException:
+            sn.close()
+            raise
+        log.info("serving Prometheus metrics at %s", metrics.url)
     if lazy is not None:
         lazy.start_standby()         # before recovery, whose re-mounts use it too
     try:
@@ -70,6 +80,8 @@ def serve(argv: list[str]) -> int:
     if lazy is not None:
         lazy.start_monitor(sn)
     stop.wait()
+    if metrics is not None:
+        metrics.close()
     server.stop(grace=3).wait()
     if lazy is not None:
         lazy.stop_monitor()
@@ -115,13 +127,24 @@ def rpull(argv: list[str]) -> int:
     p.add_argument("--namespace", "-n", default="default")
     p.add_argument("--snapshotter", default="nydus", help="the proxy plugin's name in containerd's config")
     p.add_argument("--plain-http", action="store_true", help="speak http to the registry")
+    p.add_argument("--hosts-dir", default="/etc/containerd/certs.d",
+                   help="containerd's registry hosts directory (HOST[:PORT]/hosts.toml), as `ctr --hosts-dir`; "
+                        "default /etc/containerd/certs.d; '' reads none")
+    p.add_argument("--skip-verify", "-k", action="store_true",
+                   help="skip verifying the registry's TLS certificate (and speak HTTP to it if it answers so)")
     p.add_argument("--platform", default=None, help="e.g. linux/amd64 (default: this machine's)")
+    p.add_argument("--mirror", action="append", default=[], metavar="SPEC",
+                   help="a registry mirror read through first, repeatable: as a mount daemon's --mirror "
+                        "(a URL, KEY=VALUE,... with nydusd's mirror keys, or JSON)")
     p.add_argument("ref")
     args = p.parse_args(argv)
     _setup_logging("info")
+    from rafs.storage.backend.mirror import parse_mirrors
+
     from .rpull import rpull as do_rpull
     result = do_rpull(args.address, args.ref, namespace=args.namespace, snapshotter=args.snapshotter,
-                      plain_http=args.plain_http, platform=args.platform)
+                      plain_http=args.plain_http, platform=args.platform, hosts_dir=args.hosts_dir or None,
+                      insecure=args.skip_verify, mirrors=parse_mirrors(args.mirror))
     print(result.summary())
     return 0
 
@@ -150,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
+        from rafs.errors import RafsError
+
         from .errors import SnapshotterError
-        if isinstance(e, (SnapshotterError, ValueError, OSError)):
+        if isinstance(e, (SnapshotterError, RafsError, ValueError, OSError)):
             print(f"nydus-snapshotter: {e}", file=sys.stderr)
             return 1
         raise

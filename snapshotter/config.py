@@ -22,12 +22,28 @@
     [backend]
     plain_http = []                       # registries spoken to over http ("127.0.0.1:5000"); true = all
     docker_config = ""                    # credentials file (default ~/.docker/config.json)
+    hosts_dir = "/etc/containerd/certs.d" # containerd's registry hosts directory (HOST[:PORT]/hosts.toml:
+                                          # server, ca, client, skip_verify, [host."…"] mirrors); "" = none
+
+    [[backend.mirrors]]                   # none by default; repeatable, tried in order before the registry, by
+    host = "http://127.0.0.1:65001"       # mount daemons and the full-pull fallback; nydusd's mirror keys
+                                          # (rafs/storage/backend/mirror.py): a Dragonfly dfdaemon, nginx ...
+    headers = { "X-Dragonfly-Registry" = "https://registry.example.com" }    # sent to the mirror only
+    auth_through = false                  # true: the mirror authenticates itself (its own docker credentials)
+    ping_url = ""                         # health check of a disabled mirror (default HOST/v2/)
+    health_check_interval = 5             # seconds
+    failure_limit = 5                     # failures in a row that disable it until the health check passes
+    registries = []                       # only for images of these registries ("docker.io"); [] = all
 
     [p2p]                                 # share verified chunks with other nodes (README, P2P)
     listen_host = ""                      # e.g. "10.0.0.5": each image's daemon serves on a free port there
     tracker = ""                          # "HOST:PORT" of a `nydus-peer tracker`, or
     peers = []                            # a static list of peer "HOST:PORT"
     upload_rate = 0                       # bytes/s cap per daemon; 0 = none
+
+    [metrics]
+    address = ""                          # "HOST:PORT": Prometheus metrics of the node (every mount daemon
+                                          # + the snapshotter's own) at http://HOST:PORT/metrics
 
 Lazy mounts are per image (one mount daemon per bootstrap snapshot), all sharing
 the one blob cache.
@@ -62,6 +78,33 @@ class DaemonConfig:
 class BackendConfig:
     plain_http: bool | list[str] = field(default_factory=list)
     docker_config: str = ""
+    hosts_dir: str = "/etc/containerd/certs.d"              # containerd's hosts directory ("" = none)
+    mirrors: list[dict] = field(default_factory=list)      # [[backend.mirrors]] tables
+
+    def mirrors_for(self, host: str) -> list:
+        """The `MirrorConfig`s for images of registry `host` (as the image reference writes it), in order."""
+        from rafs.storage.backend.mirror import MirrorConfig
+        out = []
+        for i, table in enumerate(self.mirrors):
+            if not isinstance(table, dict):
+                raise ValueError(f"backend.mirrors[{i}] must be a table ([[backend.mirrors]])")
+            table = dict(table)
+            registries = table.pop("registries", [])
+            if isinstance(registries, str):
+                registries = [registries]
+            if not isinstance(registries, list) or not all(isinstance(r, str) for r in registries):
+                raise ValueError(f"backend.mirrors[{i}].registries must be a list of \"HOST[:PORT]\"")
+            try:
+                mirror = MirrorConfig.from_dict(table)
+            except ValueError as e:
+                raise ValueError(f"backend.mirrors[{i}]: {e}") from None
+            if not registries or host in registries:
+                out.append(mirror)
+        return out
+
+    def mirror_args(self, host: str) -> list[str]:
+        """`--mirror` options of a mount daemon for an image of registry `host`."""
+        return [a for m in self.mirrors_for(host) for a in ("--mirror", m.to_json())]
 
     def is_plain_http(self, host: str) -> bool:
         if self.plain_http is True:
@@ -95,6 +138,11 @@ class P2PConfig:
 
 
 @dataclass
+class MetricsConfig:
+    address: str = ""              # HOST:PORT of the Prometheus endpoint; "" = none
+
+
+@dataclass
 class Config:
     root: str = DEFAULT_ROOT
     address: str = DEFAULT_ADDRESS
@@ -102,6 +150,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     p2p: P2PConfig = field(default_factory=P2PConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def cache_dir(self) -> str:
@@ -134,6 +183,16 @@ def load_config(path: str | None = None, **overrides) -> Config:
         raise ValueError(f"daemon.mode {cfg.daemon.mode!r} is not one of {', '.join(MODES)}")
     if cfg.daemon.mount_at not in MOUNT_AT:
         raise ValueError(f"daemon.mount_at {cfg.daemon.mount_at!r} is not one of {', '.join(MOUNT_AT)}")
+    if not isinstance(cfg.metrics.address, str):
+        raise ValueError(f"metrics.address {cfg.metrics.address!r} is not a \"HOST:PORT\" string")
+    if cfg.metrics.address:
+        from rafs.prometheus import parse_address
+        parse_address(cfg.metrics.address)
     if not isinstance(cfg.daemon.standby, bool):      # "false" (a string) would read as true
         raise ValueError(f"daemon.standby {cfg.daemon.standby!r} is not true or false")
+    if not isinstance(cfg.backend.hosts_dir, str):
+        raise ValueError(f"backend.hosts_dir {cfg.backend.hosts_dir!r} is not a directory path (\"\" = none)")
+    if not isinstance(cfg.backend.mirrors, list):
+        raise ValueError("backend.mirrors must be an array of tables ([[backend.mirrors]])")
+    cfg.backend.mirrors_for("")                       # every mirror checked now, not at a mount
     return cfg

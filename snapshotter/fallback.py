@@ -29,7 +29,8 @@ def materialized(dest: Path) -> Path | None:
 
 
 def materialize(bootstrap_path: Path, image_ref: str, dest: Path, *, plain_http: bool = False,
-                docker_config_dir: str | None = None) -> tuple[Path, int]:
+                docker_config_dir: str | None = None, hosts_dir: str | None = None,
+                mirrors=()) -> tuple[Path, int]:
     """(tree dir, blob bytes downloaded)."""
     from rafs.blob import BlobReader
     from rafs.bootstrap import Bootstrap
@@ -45,7 +46,11 @@ def materialize(bootstrap_path: Path, image_ref: str, dest: Path, *, plain_http:
     kw = {"config_dir": docker_config_dir} if docker_config_dir else {}
     try:
         readers, files = [], []
-        with RegistryStore(parse_ref(image_ref), plain_http=plain_http, **kw) as store:
+        ref = parse_ref(image_ref)
+        if mirrors:                  # the [[backend.mirrors]] first (MirrorConfigs), then containerd's hosts
+            from rafs.storage.factory import store_hosts
+            kw["hosts"] = store_hosts(ref.host, mirrors, hosts_dir=hosts_dir, plain_http=plain_http)
+        with RegistryStore(ref, plain_http=plain_http, hosts_dir=hosts_dir, **kw) as store:
             for info in boot.meta.blobs:
                 digest = "sha256:" + info.blob_id
                 path = blob_dir / info.blob_id

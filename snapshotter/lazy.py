@@ -178,7 +178,9 @@ class RafsMounts:
         try:
             tree, downloaded = materialize(bootstrap, image_ref, self.mount_dir(key),
                                            plain_http=self.cfg.backend.is_plain_http(host),
-                                           docker_config_dir=docker_dir)
+                                           docker_config_dir=docker_dir,
+                                           hosts_dir=self.cfg.backend.hosts_dir or None,
+                                           mirrors=self.cfg.backend.mirrors_for(host))
         except Exception as e:
             row.state, row.error = "failed", f"lazy: {reason}; full pull: {e}"
             with self.store.transaction(write=True) as tx:
@@ -213,6 +215,9 @@ class RafsMounts:
         if self.cfg.daemon.prefetch:
             args.append("--prefetch-all")
         args += self.cfg.p2p.daemon_args()
+        args += self.cfg.backend.mirror_args(host)
+        if self.cfg.backend.hosts_dir:
+            args += ["--hosts-dir", os.path.abspath(self.cfg.backend.hosts_dir)]
         if self.cfg.backend.docker_config:
             args += ["--docker-config", os.path.dirname(os.path.abspath(self.cfg.backend.docker_config))]
         t0 = time.monotonic()

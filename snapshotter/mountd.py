@@ -2,7 +2,8 @@
 
     python -m snapshotter.mountd --bootstrap ROOT/snapshots/7/fs/image/image.boot \\
         --ref 127.0.0.1:5000/app:v1 --mountpoint ROOT/rafs/<key>/mnt --cache-dir CACHE \\
-        --run-dir ROOT/rafs/run --pid-file ROOT/rafs/<key>/daemon.pid [--mode auto] [--plain-http]
+        --run-dir ROOT/rafs/run --pid-file ROOT/rafs/<key>/daemon.pid [--mode auto] [--plain-http] \\
+        [--mirror '{"host": "http://127.0.0.1:65001", ...}' ...]
 
 Unlike ``nydusify mount REF``, the bootstrap comes from the file containerd
 unpacked (the bootstrap layer's snapshot), so starting a mount costs no
@@ -56,6 +57,8 @@ def build_parser(p2p: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--mountpoint", required=True)
     p.add_argument("--plain-http", action="store_true")
     p.add_argument("--docker-config", default=None, help="dir holding config.json (registry credentials)")
+    p.add_argument("--hosts-dir", default=None,
+                   help="containerd's registry hosts directory (HOST[:PORT]/hosts.toml); default none")
     p.add_argument("--description", default="{}", help="JSON shown by the daemon's stats API")
     add_mount_options(p, caches=_caches(p2p), require_state=True)
     return p
@@ -99,7 +102,8 @@ def _open_image(args, raw: bytes):
     from rafs.storage.factory import BackendConfig, build_backend
     host, repo = parse_ref(args.ref).endpoint
     backend = build_backend(BackendConfig(kind="registry", host=host, repo=repo, plain_http=args.plain_http,
-                                          docker_config_dir=args.docker_config))
+                                          docker_config_dir=args.docker_config, mirrors=args.mirrors,
+                                          hosts_dir=args.hosts_dir or None))
     os.makedirs(args.cache_dir, mode=0o700, exist_ok=True)
     return raw, backend, {"ref": args.ref, "backend": backend.name, "cache_dir": args.cache_dir,
                           "bootstrap": args.bootstrap, **json.loads(args.description)}

@@ -192,10 +192,14 @@ class Containerd:
 
 
 def rpull(address: str, ref: str, *, namespace: str = "default", snapshotter: str = "nydus",
-          plain_http: bool = False, platform: str | None = None) -> RpullResult:
+          plain_http: bool = False, platform: str | None = None, hosts_dir: str | None = None,
+          insecure: bool = False, mirrors=()) -> RpullResult:
+    """`mirrors`: `MirrorConfig`s (`--mirror`) the manifests, config and downloaded layers are read
+    through first, before containerd's hosts (`rafs.storage.factory.store_hosts`)."""
     from rafs.image import media
     from rafs.image.refs import parse_ref
-    from rafs.image.store import open_store
+    from rafs.image.store import RegistryStore, open_store
+    from rafs.storage.factory import store_hosts
 
     t0 = time.monotonic()
     r = parse_ref(ref)
@@ -204,7 +208,12 @@ def rpull(address: str, ref: str, *, namespace: str = "default", snapshotter: st
     name = str(ref).removeprefix("docker://")
     ctd = Containerd(address, namespace)
     try:
-        with open_store(r, plain_http=plain_http) as store:
+        if mirrors:
+            opened = RegistryStore(r, hosts=store_hosts(r.host, mirrors, hosts_dir=hosts_dir, plain_http=plain_http,
+                                                        insecure=insecure))
+        else:
+            opened = open_store(r, plain_http=plain_http, hosts_dir=hosts_dir, insecure=insecure)
+        with opened as store:
             top = store.resolve()
             if top.media_type in media.INDEX_TYPES:
                 entries = store.manifests_for(top, platform or host_platform())

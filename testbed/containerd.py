@@ -64,6 +64,8 @@ def _toml(v) -> str:
         return repr(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):                             # an inline table (e.g. a list of mirror tables)
+        return "{" + ", ".join(f"{_toml(str(k))} = {_toml(x)}" for k, x in v.items()) + "}"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -72,7 +74,7 @@ def _toml(v) -> str:
 class SnapshotterProcess:
     """`python -m snapshotter.cli` as a subprocess, with root, cache and config under `workdir`.
 
-    `config`: top-level keys, plus "daemon" and "backend" tables (the daemon's `cache_dir`
+    `config`: top-level keys and tables ({"daemon": {...}, "p2p": {...}}; the daemon's `cache_dir`
     defaults to WORKDIR/cache). `address` defaults to WORKDIR/snapshotter.sock (a unix socket
     path must stay under 108 bytes: give a short one for a deep work dir). `start(netns=...)`
     runs it (and so the mount daemons it starts) in that network namespace.
@@ -96,15 +98,16 @@ class SnapshotterProcess:
 
     def _write_config(self, config: dict) -> None:
         lines = []
-        daemon = {"cache_dir": str(self.cache), **config.get("daemon", {})}
-        backend = config.get("backend", {})
+        tables = {"daemon": {"cache_dir": str(self.cache), **config.get("daemon", {})},
+                  "backend": config.get("backend", {})}
         for k, v in config.items():
-            if k not in ("daemon", "backend"):
+            if isinstance(v, dict):
+                tables.setdefault(k, v)          # [p2p], ...: any other table, as given
+            else:
                 lines.append(f"{k} = {_toml(v)}")
-        lines.append("[daemon]")
-        lines += [f"{k} = {_toml(v)}" for k, v in daemon.items()]
-        lines.append("[backend]")
-        lines += [f"{k} = {_toml(v)}" for k, v in backend.items()]
+        for name, table in tables.items():
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     @property
@@ -225,6 +228,19 @@ def run_snapshotter(workdir: str | os.PathLike, **kw) -> Iterator[SnapshotterPro
 
 # ------------------------------------------------------------------------------ containerd
 
+CAP_SYS_RESOURCE = 24
+
+
+def _has_cap(cap: int) -> bool:
+    """Whether this process has capability `cap` (bit number) in its effective set."""
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(int(l.split()[1], 16) for l in f if l.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return True
+    return bool(eff >> cap & 1)
+
+
 _NOT_NEEDED_WITHOUT_CRI = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
                            "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
                            "io.containerd.snapshotter.v1.devmapper"]
@@ -236,14 +252,16 @@ class Containerd:
     `root`: its content and snapshots (default WORKDIR/root; a benchmark puts it on a fast disk).
     `snapshotter`: our SnapshotterProcess as the proxy plugin "nydus" (and the CRI plugin's
     snapshotter); `snapshotters`: more proxy plugins, {name: socket}. `cri=False` disables the
-    CRI plugin (no stream-server port) and the snapshotters nobody uses here. `ctr` failures
-    raise CommandError with the tails of containerd's and the snapshotter's logs.
+    CRI plugin (no stream-server port) and the snapshotters nobody uses here. `sandbox_image`: the
+    CRI plugin's pause image (RunPodSandbox pulls it from there; default containerd's registry.k8s.io
+    one, unreachable offline). `ctr` failures raise CommandError with the tails of containerd's and
+    the snapshotter's logs.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, root: str | os.PathLike | None = None,
                  snapshotter: SnapshotterProcess | None = None, snapshotters: Mapping[str, str] | None = None,
                  namespace: str | None = None, cri: bool = True, registry_host: str | None = None,
-                 cri_annotations: bool = True, log_level: str = "debug",
+                 cri_annotations: bool = True, sandbox_image: str | None = None, log_level: str = "debug",
                  log_path: str | os.PathLike | None = None, ctr_timeout: float = 120):
         self.workdir = Path(workdir)
         self.root = Path(root) if root else self.workdir / "root"
@@ -259,6 +277,7 @@ class Containerd:
         self.cri = cri
         self.registry_host = registry_host
         self.cri_annotations = cri_annotations
+        self.sandbox_image = sandbox_image
         self.log_level = log_level
         self.ctr_timeout = ctr_timeout
         self.proc: subprocess.Popen | None = None
@@ -280,6 +299,9 @@ class Containerd:
                 "  disable_tcp_service = true",
                 '  stream_server_address = "127.0.0.1"',
                 '  stream_server_port = "0"',
+                *([f"  sandbox_image = {q(self.sandbox_image)}"] if self.sandbox_image else []),
+                # the sandbox's oom_score_adj -998 needs CAP_SYS_RESOURCE, which a containerized CI lacks
+                f"  restrict_oom_score_adj = {q(not _has_cap(CAP_SYS_RESOURCE))}",
                 '  [plugins."io.containerd.grpc.v1.cri".containerd]',
                 f"    snapshotter = {q(SNAPSHOTTER_NAME if self.snapshotter else 'overlayfs')}",
                 f"    disable_snapshot_annotations = {q(not self.cri_annotations)}",

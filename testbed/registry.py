@@ -10,6 +10,10 @@ demo (``testbed.demo``), the tests and the benchmarks.
     push_image("oci:DIR:TAG", f"{reg.host}/repo:tag")
     skopeo_copy("oci:DIR:TAG", f"docker://{reg.host}/repo:tag")
 
+    pki = make_pki(workdir / "pki")                # a CA of the test's own, a server and a client cert
+    with run_registry(workdir, tls=pki) as reg:  # https://127.0.0.1:PORT (distribution's http.tls)
+        ...                                      # client_cas=True: it also wants a client certificate
+
 The access log is distribution's combined-format log on stdout (gorilla
 handlers): client, user, time, request line, status, *body bytes written*,
 referer, user agent.  It does NOT contain the Range header; a range GET shows
@@ -77,6 +81,50 @@ def parse_access_log(text: str) -> list[AccessLogEntry]:
     return out
 
 
+@dataclass(frozen=True)
+class TlsPki:
+    """A CA made for a test, a server certificate it signed (for `ips` / `dns` names) and a client one."""
+    dir: Path
+    ca: Path             # ca.crt (PEM): what a client must trust
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_pki(dir: str | os.PathLike, *, ips: tuple[str, ...] = ("127.0.0.1",), dns: tuple[str, ...] = ("localhost",),
+             days: int = 2) -> TlsPki:
+    """A CA, a server certificate for ``ips``/``dns`` and a client certificate, all by ``openssl``
+    (EC P-256 keys; Debian's openssl package)."""
+    exe = shutil.which("openssl")
+    if exe is None:
+        raise RuntimeError("need `openssl` (apt-get install openssl) to make test certificates")
+    d = Path(dir)
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        r = subprocess.run([exe, *args], capture_output=True, text=True, cwd=d, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"openssl {' '.join(args)} failed:\n{r.stderr}")
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", str(days), "-subj",
+        "/CN=pynydus test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    san = ",".join([f"IP:{ip}" for ip in ips] + [f"DNS:{n}" for n in dns])
+    for name, usage, subject in (("server", "serverAuth", ips[0] if ips else dns[0]), ("client", "clientAuth",
+                                                                                        "pynydus test client")):
+        (d / f"{name}.ext").write_text(f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                                       f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if name == "server"
+                                                                         else ""))
+        run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={subject}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", str(days), "-extfile", f"{name}.ext")
+    return TlsPki(d, d / "ca.crt", d / "ca.key", d / "server.crt", d / "server.key", d / "client.crt",
+                   d / "client.key")
+
+
 def make_htpasswd(path: str | os.PathLike, users: Mapping[str, str]) -> Path:
     """A bcrypt htpasswd file (the only hash distribution accepts).
 
@@ -103,11 +151,14 @@ def make_htpasswd(path: str | os.PathLike, users: Mapping[str, str]) -> Path:
 class Registry:
     """One docker-registry process; start()/stop() may be repeated (same port and storage).
 
-    It listens on `ip` (default loopback; e.g. a network lab's host address, testbed.netns).
+    It listens on `ip` (default loopback; e.g. a network lab's host address, testbed.netns). With
+    `tls` (a `TlsPki`) it serves HTTPS with the PKI's server certificate (distribution's ``http.tls``);
+    with `client_cas` too it wants a client certificate the PKI's CA signed (``http.tls.clientcas``).
     """
 
     def __init__(self, workdir: str | os.PathLike, *, htpasswd: str | os.PathLike | Mapping[str, str] | None = None,
-                 port: int | None = None, ip: str = "127.0.0.1"):
+                 port: int | None = None, ip: str = "127.0.0.1", tls: TlsPki | None = None,
+                 client_cas: bool = False):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.storage_dir = self.workdir / "storage"
@@ -119,6 +170,8 @@ class Registry:
             htpasswd = make_htpasswd(self.workdir / "htpasswd", htpasswd)
         self.htpasswd = Path(htpasswd) if htpasswd else None
         self.ip = ip
+        self.tls = tls
+        self.client_cas = client_cas
         self.port = port or free_port(ip)
         self.proc: subprocess.Popen | None = None
 
@@ -128,7 +181,7 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def _write_config(self) -> None:
         q = json.dumps  # a JSON string is a valid YAML double-quoted scalar
@@ -153,6 +206,10 @@ class Registry:
             "  headers:",
             "    X-Content-Type-Options: [nosniff]",
         ]
+        if self.tls:
+            cfg += ["  tls:", f"    certificate: {q(str(self.tls.server_cert))}", f"    key: {q(str(self.tls.server_key))}"]
+            if self.client_cas:
+                cfg += ["    clientcas:", f"      - {q(str(self.tls.ca))}"]
         if self.htpasswd:
             cfg += ["auth:", "  htpasswd:", "    realm: pynydus-test", f"    path: {q(str(self.htpasswd))}"]
         self.config_path.write_text("\n".join(cfg) + "\n")
@@ -182,7 +239,9 @@ class Registry:
             if self.proc.poll() is not None:
                 return False
             try:
-                r = requests.get(f"{self.url}/v2/", timeout=1)
+                kw = {"verify": str(self.tls.ca), "cert": (str(self.tls.client_cert), str(self.tls.client_key))} \
+                    if self.tls else {}
+                r = requests.get(f"{self.url}/v2/", timeout=1, **kw)
                 if r.status_code in (200, 401):
                     return True
             except requests.RequestException:
@@ -237,10 +296,10 @@ class Registry:
 
 
 @contextmanager
-def run_registry(tmpdir: str | os.PathLike, *, htpasswd: str | os.PathLike | Mapping[str, str] | None = None
-                 ) -> Iterator[Registry]:
-    """Start a real registry under ``tmpdir``; always stopped on exit."""
-    reg = Registry(tmpdir, htpasswd=htpasswd)
+def run_registry(tmpdir: str | os.PathLike, *, htpasswd: str | os.PathLike | Mapping[str, str] | None = None,
+                 tls: TlsPki | None = None, client_cas: bool = False) -> Iterator[Registry]:
+    """Start a real registry under ``tmpdir`` (HTTPS with ``tls``); always stopped on exit."""
+    reg = Registry(tmpdir, htpasswd=htpasswd, tls=tls, client_cas=client_cas)
     try:
         reg.start()
         yield reg

@@ -6,7 +6,7 @@
     media.py     every media type and annotation pynydus reads or writes
     digests.py   what a valid ``sha256:<hex>`` digest and a blob id are
     store.py     ``ImageStore``: one interface over OCI layouts and registry repositories
-    auth.py      registry credentials (docker's config.json) and auth challenges / bearer tokens
+    auth.py      registry credentials (docker's config.json, credential helpers) and auth challenges / tokens
     client.py    ``RegistryClient``: the OCI distribution API (requests, redirects, the retry loop)
     stream.py    the verified stream (a blob's sha256 checked at EOF)
 

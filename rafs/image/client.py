@@ -21,6 +21,12 @@ Behaviour worth knowing:
   Range request, and the stream's resumes and re-requests share its
   ``retries``.
 * A 404 is :class:`~rafs.errors.NotFound`.
+* Where and how to connect is a `rafs.image.hosts.RegistryHost` (``endpoint``; default
+  ``https://HOST/v2``): containerd's hosts.toml gives the scheme, API root, headers, ``ns`` of a
+  mirror and TLS. Connections trust the system CA store plus the host's ``ca`` (`rafs.image.tls`);
+  a certificate problem is one :class:`~rafs.image.tls.TLSError` line naming the host and what to
+  configure. A host allowed to (``http_fallback``) that answers TLS in plain HTTP is spoken to over
+  http from then on.
 * Everything read is verified: manifests fetched by digest, whole blobs (at
   EOF).  A mismatch is an :class:`~rafs.errors.IntegrityError`, never retried.
 """
@@ -44,10 +50,12 @@ import urllib3
 
 from rafs.errors import BackendError, FormatError, IntegrityError, NotFound
 
-from .auth import ANONYMOUS, Credentials, RegistryAuth, load_docker_credentials
+from .auth import Credentials, OAuthUnsupported, RegistryAuth, load_docker_credentials
 from .digests import check_digest, is_digest, sha256_digest
+from .hosts import RegistryHost
 from .media import MANIFEST_ACCEPT, MANIFEST_TYPES
 from .stream import IO_BLOCK, verified_stream
+from .tls import is_plain_http_answer, new_session, tls_error
 
 log = logging.getLogger(__name__)
 
@@ -209,25 +217,36 @@ class RegistryClient:
         config_dir: str | None = None,
         session: requests.Session | None = None,
         pool_size: int = 16,
+        headers: dict[str, str] | None = None,
+        endpoint: RegistryHost | None = None,
     ):
-        self.host = host
+        # endpoint: where and how to connect (rafs.image.hosts: scheme, API root, TLS, headers, ns);
+        # default: https://HOST/v2 (http:// with plain_http), the system CA store trusted
+        if endpoint is None:
+            endpoint = RegistryHost(host=host, scheme="http" if plain_http else "https")
+        self.endpoint = endpoint
+        self.host = host = endpoint.host
+        # sent with every request to this origin only (a mirror's; hosts.toml's [header])
+        self.headers = {**endpoint.headers(), **dict(headers or {})}
         self.repo = repo
-        self.base = f"{'http' if plain_http else 'https'}://{host}"
+        self.base = endpoint.origin            # scheme://host
+        self.api = endpoint.url                # the API root: scheme://host/v2 (or hosts.toml's path)
+        self._ns = endpoint.ns                 # ?ns=NAMESPACE on requests to a mirror (as containerd)
+        self._http_fallback = endpoint.http_fallback
+        if endpoint.dial_timeout:
+            timeout = (endpoint.dial_timeout, timeout[1])
         self.timeout = timeout
         self.retries = max(0, int(retries))
         self.backoff = backoff
-        if auth is None:
-            auth = load_docker_credentials(host, config_dir=config_dir)
-        self._auth = RegistryAuth(self.name, self.base, None if (auth is None or auth == ANONYMOUS) else auth,
-                                  self._token_json)
+        # None: docker's config (credHelpers, credsStore, auths), looked up when a challenge asks
+        creds = (lambda: load_docker_credentials(host, config_dir=config_dir)) if auth is None else auth
+        self._auth = RegistryAuth(self.name, self.base, creds, self._token_json)
         if session is None:
-            session = requests.Session()
+            session = new_session(endpoint, pool_size=pool_size)     # TLS: rafs.image.tls
             session.headers["User-Agent"] = USER_AGENT
-            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
             self._own_session = True
         else:
+            new_session(endpoint, pool_size=pool_size, session=session)
             self._own_session = False
         self._session = session
 
@@ -255,26 +274,34 @@ class RegistryClient:
         return f"{self.host}/{self.repo}"
 
     def _url(self, kind: str, ref: str) -> str:
-        return f"{self.base}/v2/{self.repo}/{kind}/{ref}"
+        return f"{self.api}/{self.repo}/{kind}/{ref}"
 
     def _scope(self, push: bool) -> str:
         return f"repository:{self.repo}:{'pull,push' if push else 'pull'}"
 
     # -- auth
-    def _token_json(self, realm: str, query: list, headers: dict):
-        """GET a token from ``realm`` (retried like any request): the server's JSON answer."""
+    def _token_json(self, realm: str, query: list, headers: dict, form: dict | None = None):
+        """GET a token from ``realm``, or POST ``form`` there (OAuth2; never redirected: the form
+        holds a refresh token), retried like any request: the server's JSON answer."""
         creds = self._auth.creds
 
         def fn():
             try:
-                r = self._session.get(realm, params=query, headers=headers, timeout=self.timeout, auth=_no_auth)
+                if form is not None:
+                    r = self._session.post(realm, data=form, headers=headers, timeout=self.timeout,
+                                           auth=_no_auth, allow_redirects=False)
+                else:
+                    r = self._session.get(realm, params=query, headers=headers, timeout=self.timeout,
+                                          auth=_no_auth)
             except requests.exceptions.InvalidURL as e:
                 raise BackendError(f"unauthorized: {self.name}: bad token realm {realm!r}: {e}") from e
             with r:
                 if r.status_code >= 500 or r.status_code == 429:
                     raise _RetryableStatus(f"HTTP {r.status_code} from token server {realm}")
+                if form is not None and r.status_code in (404, 405):
+                    raise OAuthUnsupported(f"token server {realm}: HTTP {r.status_code} to an OAuth2 POST")
                 if r.status_code in (401, 403):
-                    who = f"as {creds.username!r}" if creds else "anonymously"
+                    who = creds.describe() if creds else "anonymously"
                     raise BackendError(
                         f"unauthorized: token server {realm} refused {who} for {self.name} "
                         f"(HTTP {r.status_code}); check credentials for {self.host} in docker config")
@@ -312,14 +339,22 @@ class RegistryClient:
 
     def _send_follow(self, method, url, headers, auth_header, body, stream) -> requests.Response:
         home = _origin(self.base)
+        if self._ns and _origin(url) == home and "ns=" not in urlsplit(url).query:
+            url = _add_query(url, ns=self._ns)
         for _ in range(_MAX_REDIRECTS + 1):
-            h = dict(headers)
+            h = {**self.headers, **headers} if _origin(url) == home else dict(headers)
             if auth_header and _origin(url) == home:
                 h["Authorization"] = auth_header
             data = body() if callable(body) else body
             try:
                 resp = self._session.request(method, url, headers=h, data=data, stream=stream,
                                              timeout=self.timeout, allow_redirects=False, auth=_no_auth)
+            except requests.exceptions.SSLError as e:
+                if not (self._http_fallback and _origin(url) == home and is_plain_http_answer(e)):
+                    raise
+                url = self._use_http(url)
+                home = _origin(self.base)
+                continue                     # the same request over http (hosts.toml / --*-insecure)
             finally:
                 if data is not None and hasattr(data, "close"):
                     data.close()
@@ -331,6 +366,15 @@ class RegistryClient:
                 continue
             return resp
         raise BackendError(f"{method} {url}: more than {_MAX_REDIRECTS} redirects")
+
+    def _use_http(self, url: str) -> str:
+        """The registry answered TLS in plain HTTP and may be spoken to over http: from now on it is."""
+        if self.base.startswith("https://"):
+            log.info("%s answers in plain HTTP: speaking http to it", self.host)
+            self.base = "http://" + self.host
+            self.api = self.base + self.endpoint.path
+            self._auth.base = self.base
+        return "http://" + url[len("https://"):] if url.startswith("https://") else url
 
     def _retrying(self, what: str, fn: Callable, tries: "_Tries | None" = None):
         """``fn()``, retried on transient failures: the client's one retry loop.
@@ -346,8 +390,10 @@ class RegistryClient:
                 time.sleep(delay)
             try:
                 return fn()
-            except requests.exceptions.SSLError as e:
-                raise BackendError(f"{what}: TLS error: {e}") from e
+            except requests.exceptions.SSLError as e:   # one line: the host and what to configure
+                req = getattr(e, "request", None)
+                host = urlsplit(req.url).netloc if req is not None and req.url else self.host
+                raise tls_error(e, host, self.endpoint, what) from None
             except _TRANSIENT as e:
                 tries.failures += 1
                 tries.last = e
@@ -367,7 +413,7 @@ class RegistryClient:
         detail = _error_detail(resp)
         if code == 401:
             creds = self._auth.creds
-            hint = (f"as {creds.username!r}" if creds
+            hint = (creds.describe() if creds
                     else f"no credentials for {self.host} in docker config")
             raise BackendError(f"unauthorized: {what} ({hint}) {detail}".strip())
         if code == 403:
@@ -382,9 +428,9 @@ class RegistryClient:
     def ping(self) -> None:
         """GET /v2/ (authenticating if asked); BackendError if the registry is not usable."""
         def fn():
-            with self._send("GET", f"{self.base}/v2/") as r:
-                self._check(r, f"ping {self.base}/v2/")
-        self._retrying(f"ping {self.base}/v2/", fn)
+            with self._send("GET", f"{self.api}/") as r:
+                self._check(r, f"ping {self.api}/")
+        self._retrying(f"ping {self.api}/", fn)
 
     def _ref_name(self, ref: str) -> str:
         return f"{self.name}{'@' if is_digest(ref) else ':'}{ref}"
@@ -522,7 +568,7 @@ class RegistryClient:
         return self._retrying(what, fn)
 
     def _start_upload(self, params: dict | None = None, scope: str | None = None) -> requests.Response:
-        url = f"{self.base}/v2/{self.repo}/blobs/uploads/"
+        url = f"{self.api}/{self.repo}/blobs/uploads/"
         if params:
             url = _add_query(url, **params)
         return self._send("POST", url, push=True, scope=scope, headers={"Content-Length": "0"})
@@ -601,7 +647,7 @@ class RegistryClient:
 
     def list_tags(self) -> list[str]:
         tags: list[str] = []
-        url = f"{self.base}/v2/{self.repo}/tags/list"
+        url = f"{self.api}/{self.repo}/tags/list"
         while url:
             def fn(u=url):
                 with self._send("GET", u) as r:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO, ContextManager, Iterator
 
@@ -27,11 +28,15 @@ from rafs.errors import BackendError, FormatError, IntegrityError, NotFound
 from rafs.osutil import atomic_file, atomic_write
 
 from . import media
+from .auth import ANONYMOUS
 from .client import RegistryClient
 from .digests import SHA256_PREFIX, check_digest, sha256_digest
+from .hosts import RegistryHost, describe, resolve_hosts
 from .platform import Platform
 from .refs import ImageRef, parse_ref
 from .stream import IO_BLOCK, verified_stream
+
+log = logging.getLogger(__name__)
 
 OCI_LAYOUT_VERSION = "1.0.0"
 _MAX_NESTING = 4
@@ -423,34 +428,95 @@ class OciLayoutStore(ImageStore):
 # --------------------------------------------------------------------------- registry
 
 class RegistryStore(ImageStore):
-    """One repository of a registry (manifests by tag/digest, blobs) via RegistryClient."""
+    """One repository of a registry (manifests by tag/digest, blobs) via RegistryClient.
+
+    The hosts to talk to are containerd's (`rafs.image.hosts.resolve_hosts`: ``hosts_dir``,
+    ``plain_http``, ``insecure``), or ``hosts``: tags are resolved by the first host with the
+    ``resolve`` capability that answers, content is read from the ``pull`` hosts in order (a mirror
+    that fails, lacks the content or serves bytes that fail verification is left for the next
+    one, finally the origin), and pushes go to the first ``push`` host (`client`).
+    """
 
     def __init__(self, ref: ImageRef, *, plain_http: bool = False, client: RegistryClient | None = None,
+                 hosts_dir: str | None = None, insecure: bool = False, hosts: list[RegistryHost] | None = None,
                  **client_kw):
         self.ref = ref
         host, repo = ref.endpoint
-        self.client = client or RegistryClient(host, repo, plain_http=plain_http, **client_kw)
+        if client is not None:
+            self.client = client
+            self._clients: list[tuple[RegistryHost, RegistryClient]] = [(client.endpoint, client)]
+        else:
+            if hosts is None:
+                hosts = resolve_hosts(ref.host, hosts_dir, plain_http=plain_http, insecure=insecure)
+            if len(hosts) > 1:
+                log.debug("%s: %s", self.location, describe(hosts))
+            mirror_kw = {**client_kw, "retries": 0}  # a failing mirror is left for the next host at once
+            if client_kw.get("auth") is not None:   # explicit credentials are the origin's only
+                mirror_kw["auth"] = ANONYMOUS
+            self._clients = []
+            try:
+                for h in hosts:
+                    self._clients.append((h, RegistryClient(h.host, repo, endpoint=h,
+                                                            **(mirror_kw if h.mirror else client_kw))))
+            except BaseException:
+                self.close()
+                raise
+            pushers = [c for h, c in self._clients if h.can("push")]
+            self.client = pushers[0] if pushers else self._clients[-1][1]
         self._manifests: dict[str, bytes] = {}   # digest -> verified bytes (small)
         self._manifest_digests: set[str] = set()
+        self._down: set[int] = set()             # ids of mirror clients that failed: not asked again
+
+    def _hosts(self, capability: str) -> list[tuple[RegistryHost, RegistryClient]]:
+        out = [(h, c) for h, c in self._clients if h.can(capability) and id(c) not in self._down]
+        if not out:
+            h = self._clients[-1][0]
+            raise BackendError(f"{self.location}: no host may {capability} ({h.config_hint()} gives the "
+                               f"capability to none of {', '.join(x.url for x, _ in self._clients)})")
+        return out
+
+    def _first(self, capability: str, what: str, fn):
+        """``fn(client)`` on the hosts with ``capability`` in order: the first answer."""
+        hosts = self._hosts(capability)
+        for i, (h, c) in enumerate(hosts):
+            try:
+                return fn(c)
+            except (BackendError, IntegrityError) as e:
+                if i == len(hosts) - 1:
+                    raise
+                self._next_host(h, what, e)
+
+    def _next_host(self, h: RegistryHost, what: str, e: BaseException) -> None:
+        """A mirror did not deliver: one that lacks the content is asked again next time, one that failed
+        is not (for this store's life: a conversion or a pull)."""
+        if isinstance(e, NotFound):
+            log.debug("%s from %s: %s; trying the next host", what, h.url, e)
+            return
+        log.warning("%s from %s: %s; using the next host from now on", what, h.url, e)
+        self._down.update(id(c) for x, c in self._clients if x is h)
 
     @property
     def location(self) -> str:
         return f"{self.ref.host}/{self.ref.repo}"
 
     def close(self) -> None:
-        self.client.close()
+        for _, c in self._clients:
+            c.close()
 
     def _note_manifest(self, desc: Descriptor) -> None:
         self._manifest_digests.add(desc.digest)
 
     def resolve(self) -> Descriptor:
-        data, media_type, digest = self.client.get_manifest(self.ref.reference)
+        ref = self.ref.reference
+        data, media_type, digest = self._first("pull" if self.ref.digest else "resolve", f"manifest {ref}",
+                                               lambda c: c.get_manifest(ref))
         self._manifests[digest] = data
         self._manifest_digests.add(digest)
         return Descriptor(media_type, digest, len(data))
 
     def get_manifest(self, digest: str) -> tuple[bytes, str]:
-        data, media_type, _ = self.client.get_manifest(digest)
+        check_digest(digest)
+        data, media_type, _ = self._first("pull", f"manifest {digest}", lambda c: c.get_manifest(digest))
         self._manifests[digest] = data
         return data, media_type
 
@@ -461,7 +527,7 @@ class RegistryStore(ImageStore):
         if digest in self._manifest_digests or (media_type and media_type in media.MANIFEST_TYPES):
             return self.get_manifest(digest)[0]
         try:
-            return self.client.get_blob(digest)
+            return self._first("pull", f"blob {digest}", lambda c: c.get_blob(digest))
         except NotFound:
             try:  # registries keep manifests apart from blobs
                 return self.get_manifest(digest)[0]
@@ -469,9 +535,29 @@ class RegistryStore(ImageStore):
                 raise NotFound(f"blob not found: {self.location}@{digest}") from None
 
     def open_blob(self, digest: str) -> ContextManager[BinaryIO]:
-        return self.client.open_blob(digest)
+        hosts = self._hosts("pull")
+        if len(hosts) == 1:
+            return hosts[0][1].open_blob(digest)
+        return self._open_first(hosts, digest)
+
+    @contextmanager
+    def _open_first(self, hosts, digest: str) -> Iterator[BinaryIO]:
+        for i, (h, c) in enumerate(hosts):       # the stream opens at the first host that has it
+            stack = ExitStack()
+            try:
+                f = stack.enter_context(c.open_blob(digest))
+            except (BackendError, IntegrityError) as e:
+                stack.close()
+                if i == len(hosts) - 1:
+                    raise
+                self._next_host(h, f"blob {digest}", e)
+                continue
+            with stack:
+                yield f
+            return
 
     def has_blob(self, digest: str) -> bool:
+        """Whether the push host (the target of put_blob) has it."""
         return self.client.head_blob(digest) is not None
 
     def put_blob(self, digest: str, path: str | os.PathLike) -> bool:
@@ -484,7 +570,7 @@ class RegistryStore(ImageStore):
         return self.client.mount_blob(digest, from_repo)
 
     def read_range(self, digest: str, offset: int, size: int) -> bytes:
-        return self.client.read_range(digest, offset, size)
+        return self._first("pull", f"blob {digest}", lambda c: c.read_range(digest, offset, size))
 
     def put_manifest(self, data: bytes, media_type: str) -> str:
         digest = self.client.put_manifest(sha256_digest(data), data, media_type)
@@ -500,13 +586,15 @@ class RegistryStore(ImageStore):
 
 
 def open_store(ref: "str | ImageRef", *, plain_http: bool = False, create: bool = False,
-               **client_kw) -> ImageStore:
+               hosts_dir: str | None = None, insecure: bool = False, **client_kw) -> ImageStore:
     """An ImageStore for ``oci:DIR[:TAG]`` or ``[docker://]HOST/REPO[:TAG|@DIGEST]``.
 
-    ``create`` makes a new OCI layout if needed (ignored for registries);
-    ``client_kw`` goes to RegistryClient (auth, timeout, retries, ...).
+    ``create`` makes a new OCI layout if needed (ignored for registries); ``hosts_dir``
+    (containerd's hosts directory; None: none), ``plain_http`` and ``insecure`` choose the
+    registry hosts and their TLS (`rafs.image.hosts`); ``client_kw`` goes to RegistryClient
+    (auth, timeout, retries, ...).
     """
     r = parse_ref(ref)
     if r.kind == "oci":
         return OciLayoutStore(r, create=create)
-    return RegistryStore(r, plain_http=plain_http, **client_kw)
+    return RegistryStore(r, plain_http=plain_http, hosts_dir=hosts_dir, insecure=insecure, **client_kw)

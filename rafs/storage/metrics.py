@@ -13,18 +13,24 @@ Two kinds of objects:
   mirror and one for the origin.
 * `StorageMetrics`: one per mount (shared by the `CacheManager` and all its
   `BlobCache`s): compressed bytes fetched, requests, chunks hit / missed,
-  verification failures, prefetch bytes and fetch latency percentiles (a
-  cache learns where the chunks are from the bootstrap, so every request it
-  makes is for chunk data). Given a `sources` callable (normally
-  `backend.source_stats`) its snapshot includes the per-source counters too.
+  verification failures, prefetch bytes, fetch latency percentiles and a
+  fetch latency histogram with fixed buckets (`LATENCY_BUCKETS`; Prometheus
+  scrapes it, `rafs.prometheus`). A cache learns where the chunks are from
+  the bootstrap, so every request it makes is for chunk data. Given a
+  `sources` callable (normally `backend.source_stats`) its snapshot
+  includes the per-source counters too.
 """
 from __future__ import annotations
 
+import bisect
 import random
 import threading
 from typing import Callable
 
 RESERVOIR_SIZE = 1024        # latency samples kept (uniform sample of all requests, Vitter's R)
+# upper bounds (seconds) of the fetch latency histogram's buckets (+Inf is implied): a local mirror or
+# peer answers in a millisecond or two, a remote registry in tens to hundreds, a throttled link in seconds
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def _nearest_rank(ordered: list[float], p: float) -> float:
@@ -78,6 +84,32 @@ class LatencyReservoir:
         }
 
 
+class LatencyHistogram:
+    """Counts of latencies (seconds) per bucket of fixed upper `bounds`; not locked (callers lock).
+
+    `snapshot()` is cumulative, as Prometheus histograms are: {"le": bounds, "counts": [requests taking
+    at most le seconds], "count": all requests, "sum": their seconds}."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS):
+        if list(bounds) != sorted(set(bounds)) or not bounds:
+            raise ValueError(f"histogram bounds must be increasing and distinct, got {bounds}")
+        self.bounds = tuple(float(b) for b in bounds)
+        self._counts = [0] * (len(bounds) + 1)     # the last one: above every bound
+        self._sum = 0.0
+
+    def add(self, seconds: float) -> None:
+        self._counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self._sum += seconds
+
+    def snapshot(self) -> dict:
+        cumulative, total = [], 0
+        for c in self._counts[:-1]:
+            total += c
+            cumulative.append(total)
+        return {"le": list(self.bounds), "counts": cumulative, "count": total + self._counts[-1],
+                "sum": self._sum}
+
+
 class SourceCounters:
     """Bytes, requests and errors of one source; thread-safe."""
 
@@ -124,7 +156,9 @@ class StorageMetrics:
         self.prefetch_bytes = 0        # compressed bytes fetched by background prefetch
         self.prefetch_requests = 0
         self.bytes_read = 0            # bytes returned by BlobCache.read
+        self.evictions = 0             # chunks evicted from the cache: none yet, the cache is unbounded
         self._latency = LatencyReservoir(reservoir_size)
+        self._histogram = LatencyHistogram()
 
     def set_sources(self, sources: Callable[[], dict] | None) -> None:
         self._sources = sources
@@ -136,6 +170,7 @@ class StorageMetrics:
             self.requests += 1
             self.chunks_fetched += chunks
             self._latency.add(seconds)
+            self._histogram.add(seconds)
             if prefetch:
                 self.prefetch_bytes += nbytes
                 self.prefetch_requests += 1
@@ -158,6 +193,11 @@ class StorageMetrics:
         with self._lock:
             self.recheck_failures += 1
 
+    def evicted(self, chunks: int = 1) -> None:
+        """Chunks dropped from the cache to make room (for a bounded cache; nothing evicts yet)."""
+        with self._lock:
+            self.evictions += chunks
+
     # -- reporting
     def latency_percentile(self, p: float) -> float:
         """Fetch latency percentile in seconds (from the bounded sample)."""
@@ -178,7 +218,9 @@ class StorageMetrics:
                 "prefetch_bytes": self.prefetch_bytes,
                 "prefetch_requests": self.prefetch_requests,
                 "bytes_read": self.bytes_read,
+                "evictions": self.evictions,
                 "fetch_latency_ms": self._latency.snapshot_ms(),
+                "fetch_latency_histogram": self._histogram.snapshot(),
             }
         out["sources"] = self._sources() if self._sources is not None else {}
         return out

@@ -327,7 +327,7 @@ def test_failing_mirror_falls_back_to_the_origin(registry_session, tmp_path, fai
         mirror_cfg = MirrorConfig("http://" + address, kind="proxy")
         key = f"mirror proxy http://{address} -> {reg.host}/{repo}"
     else:
-        mirror_cfg = MirrorConfig(address, plain_http=True)
+        mirror_cfg = MirrorConfig("http://" + address)
         key = f"mirror registry {address}/{repo}"
     try:
         cfg = StorageConfig(
@@ -361,7 +361,7 @@ def test_mirror_serving_tampered_bytes_is_overruled_by_the_origin(registry_sessi
     _flip(registry.blob_data_path(blob.digest), e.compressed_offset + 3)   # ... gone bad
     cfg = StorageConfig(
         BackendConfig(host=registry_session.host, repo=repo, plain_http=True, auth=ANONYMOUS,
-                      mirrors=[MirrorConfig(registry.host, plain_http=True)]),
+                      mirrors=[MirrorConfig("http://" + registry.host)]),
         CacheConfig(dir=str(tmp_path / "cache")))
     with build_storage(cfg) as mgr:
         c = mgr.open(blob.info)

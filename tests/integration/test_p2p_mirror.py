@@ -56,7 +56,7 @@ def _node(tmp: Path, name: str, meta_host: str, reg, repo: str, digest: str,
     svc = P2PService(p2p or P2PConfig(), tmp / name / "p2p")
     origin = build_backend(BackendConfig(
         host=reg.host, repo=repo, plain_http=True, auth=auth, retries=0,
-        mirrors=[MirrorConfig(m, plain_http=True) for m in mirrors]))
+        mirrors=[MirrorConfig("http://" + m) for m in mirrors]))
     mgr = svc.cache_manager(origin, CacheConfig(dir=str(tmp / name / "cache")),
                             owns_service=True)
     try:

@@ -305,7 +305,7 @@ def test_factory_builds_localfs_storage(tmp_path):
 
 def test_factory_builds_mirror_chain_and_validates():
     b = build_backend(BackendConfig(host="127.0.0.1:1", repo="r", plain_http=True,
-                                    mirrors=[MirrorConfig("127.0.0.1:2", plain_http=True),
+                                    mirrors=[MirrorConfig("http://127.0.0.1:2"),
                                              MirrorConfig("http://127.0.0.1:3", kind="proxy")]))
     try:
         assert isinstance(b, MirrorBackend) and len(b.mirrors) == 2

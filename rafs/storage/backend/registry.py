@@ -51,7 +51,7 @@ class RegistryBackend(BlobBackend):
             raise BackendError(f"{self.name}: {e}") from e
         if size is None:
             raise NotFound(f"{self.name}: blob sha256:{blob_id} not found "
-                           f"(HEAD {self.client.base}/v2/{self.client.repo}/blobs/... answered 404)")
+                           f"(HEAD {self.client.api}/{self.client.repo}/blobs/... answered 404)")
         return size
 
     def close(self) -> None:
