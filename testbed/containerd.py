@@ -57,6 +57,25 @@ def unmount_under(path: str | os.PathLike) -> list[str]:
     return found
 
 
+@contextmanager
+def running_node(snap: "SnapshotterProcess", ctd: "Containerd", leak_root: str | os.PathLike | None = None
+         ) -> Iterator[tuple["SnapshotterProcess", "Containerd"]]:
+    """A node: start the snapshotter, then containerd; stop containerd, then the snapshotter with its mount
+    daemons and mounts, also on failure. With `leak_root`, fail if any mount is left below it."""
+    try:
+        snap.start()
+        ctd.start()
+        yield snap, ctd
+    finally:
+        try:
+            ctd.stop()
+        finally:
+            snap.teardown()
+        if leak_root is not None:
+            left = mounts_under(leak_root)
+            assert not left, f"mounts left behind: {left}"
+
+
 def _toml(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

@@ -25,7 +25,7 @@ from converter.convert import ConvertOptions, convert
 from snapshotter.snapshots import (LABEL_CRI_IMAGE_LAYERS, LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST,
                                    LABEL_CRI_MANIFEST_DIGEST, LABEL_NYDUS_BLOB, LABEL_REMOTE, LABEL_SNAPSHOT_REF)
 from tests.helpers import images as im
-from testbed.containerd import Containerd, SnapshotterProcess, mounts_under, unmount_under
+from testbed.containerd import Containerd, SnapshotterProcess, mounts_under, running_node, unmount_under
 from tests.helpers.cri import CRI_NAMESPACE, CriClient
 from testbed.registry import skopeo_copy
 
@@ -97,17 +97,8 @@ class Env:
 def env(tmp_path, registry_session, images):
     snap = SnapshotterProcess(tmp_path / "snap")
     ctd = Containerd(tmp_path / "ctd", snapshotter=snap, registry_host=images.host)
-    try:
-        snap.start()
-        ctd.start()
+    with running_node(snap, ctd, tmp_path):
         yield Env(snap, ctd, registry_session, images)
-    finally:
-        try:
-            ctd.stop()
-        finally:
-            snap.teardown()
-        left = mounts_under(tmp_path)
-        assert not left, f"mounts left behind: {left}"
 
 
 def _nydus_blob_gets(entries, images: Images) -> list:
@@ -227,19 +218,12 @@ def test_cri_without_annotations_cannot_go_lazy(tmp_path, registry_session, imag
     (the layer's own nydus-blob annotation does): the pull fails, and status says why."""
     snap = SnapshotterProcess(tmp_path / "snap", log_level="info")
     ctd = Containerd(tmp_path / "ctd", snapshotter=snap, registry_host=images.host, cri_annotations=False)
-    try:
-        snap.start()
-        ctd.start()
+    with running_node(snap, ctd):
         with CriClient(ctd.address) as cri, pytest.raises(Exception) as ei:
             cri.pull(images.nydus)
         assert "nydus.blob" in str(ei.value)
         [img] = snap.status()["images"]
         assert img["status"] == "failed" and "disable_snapshot_annotations = false" in img["detail"]
-    finally:
-        try:
-            ctd.stop()
-        finally:
-            snap.teardown()
 
 
 def test_failed_lazy_mount_falls_back_to_a_full_pull(tmp_path, registry_session, images):

@@ -32,6 +32,7 @@ from rafs.image.store import open_store
 from snapshotter.proto import cri_pb2
 from snapshotter.snapshots import LABEL_CRI_IMAGE_REF, LABEL_NYDUS_BLOB, LABEL_REMOTE
 from testbed.containerd import Containerd, SnapshotterProcess, mounts_under
+from testbed.containerd import running_node
 from testbed.registry import skopeo_copy
 from tests.helpers import images as im
 from tests.helpers.cri import CriClient, container_config, pod_config, read_cri_log
@@ -91,17 +92,8 @@ def node(tmp_path, registry_session, images):
     snap = SnapshotterProcess(tmp_path / "snap", log_level="info")
     ctd = Containerd(tmp_path / "ctd", snapshotter=snap, registry_host=registry_session.host,
                      sandbox_image=images.pause)
-    try:
-        snap.start()
-        ctd.start()
+    with running_node(snap, ctd, tmp_path):
         yield snap, ctd
-    finally:
-        try:
-            ctd.stop()
-        finally:
-            snap.teardown()
-        left = mounts_under(tmp_path)
-        assert not left, f"mounts left behind: {left}"
 
 
 def test_pod_through_cri_runs_lazily(node, tmp_path, registry_session, images, record_property):

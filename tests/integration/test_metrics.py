@@ -159,22 +159,14 @@ def node(tmp_path, registry_session, nydus_image):
     """A snapshotter with `[metrics] address` and a containerd using it; torn down, mounts and all."""
     if not all(shutil.which(b) for b in ("containerd", "ctr", "runc")):
         pytest.skip("needs containerd, ctr and runc (bash .ci/setup)")
-    from testbed.containerd import Containerd, SnapshotterProcess, mounts_under
+    from testbed.containerd import Containerd, SnapshotterProcess, running_node
     snap = SnapshotterProcess(tmp_path / "snap")
     address = f"127.0.0.1:{free_port()}"
     with open(snap.config_path, "a") as f:
         f.write(f'[metrics]\naddress = "{address}"\n')
     ctd = Containerd(tmp_path / "ctd", snapshotter=snap, registry_host=registry_session.host, cri=False)
-    try:
-        snap.start()
-        ctd.start()
+    with running_node(snap, ctd, tmp_path):
         yield snap, ctd, address
-    finally:
-        try:
-            ctd.stop()
-        finally:
-            snap.teardown()
-        assert not mounts_under(tmp_path), mounts_under(tmp_path)
 
 
 def test_snapshotter_metrics_after_rpull_and_run(node, nydus_image):
