@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)     # `nydusify mount` re-runs itself under a holder
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -207,7 +208,7 @@ def _mount_commands(name: str):
 
 
 _COMMANDS = {"convert": _convert, "check": _check, "inspect": _inspect, "export": _export,
-             **{name: _mount_commands(name) for name in ("mount", "umount", "stats")}}
+             **{name: _mount_commands(name) for name in ("mount", "umount", "stats", "upgrade")}}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from rafs.api import ApiClient
 from rafs.errors import RafsError
 from rafs.image.refs import parse_ref
 from rafs.image.store import RegistryStore, open_store
 from rafs.launcher import add_mount_options, launch, load_cache_builder
-from rafs.mounttab import request_umount, state_paths
+from rafs.mounttab import request_umount, request_upgrade, state_paths
 from rafs.storage.backend import LocalFsBackend
 from rafs.storage.factory import BackendConfig, build_backend, store_hosts
 
@@ -49,6 +50,12 @@ def add_parsers(sub, common, add_blob_dir=None) -> None:
     u = sub.add_parser("umount", help="unmount MOUNTPOINT and stop its daemon (or clear a stale mount)")
     u.add_argument("mountpoint")
     u.add_argument("--run-dir", help="state directory root")
+
+    g = sub.add_parser("upgrade", help="hot upgrade: a freshly started daemon (the code on disk now) takes over "
+                                       "MOUNTPOINT's FUSE connection; nothing is unmounted")
+    g.add_argument("mountpoint")
+    g.add_argument("--run-dir", help="state directory root")
+    g.add_argument("--timeout", type=float, default=60.0)
 
     s = sub.add_parser("stats", help="what the daemon of MOUNTPOINT fetched, cached and served")
     s.add_argument("mountpoint")
@@ -105,7 +112,13 @@ def _mount(args) -> int:
                                            blob_dir=getattr(args, "blob_dir", None), mirrors=args.mirrors,
                                            hosts_dir=getattr(args, "hosts_dir", None) or None),
                   caches=load_cache_builder(P2P_CACHES), detach=args.daemon, report=report,
-                  error_prefix="nydusify mount")
+                  error_prefix="nydusify mount",
+                  relaunch=[sys.executable, "-m", "converter.cli", *args.argv] if getattr(args, "argv", None) else None)
+
+
+def _upgrade(args) -> int:
+    print(request_upgrade(args.mountpoint, timeout=args.timeout, run_dir_override=args.run_dir))
+    return 0
 
 
 def _umount(args) -> int:
@@ -142,6 +155,10 @@ def render_stats(st: dict) -> str:
         _render_link(st.get("link") or {}),
         f"cache       {_mb(cache.get('disk_bytes', 0))} on disk, {cache.get('chunks_ready', 0)}/"
         f"{cache.get('chunks_total', 0)} chunks of open blobs ready; served {_mb(st['bytes_read'])}",
+        (f"limit       {_mb(cache.get('limit_root_bytes', 0))} of {_mb(cache['max_size'])} used under "
+         f"{cache.get('limit_root')}; {cache.get('evictions', 0)} chunks evicted"
+         if cache.get("max_size") else f"limit       none; {cache.get('evictions', 0)} chunks evicted")
+        + (f"; NOT CACHING: {cache['write_error']}" if cache.get("write_error") else ""),
     ])
 
 
@@ -152,4 +169,4 @@ def _render_link(link: dict) -> str:
             f"(fit of {link['samples']} fetches); a miss is widened to {_mb(link['amplify_bytes'])}")
 
 
-COMMANDS = {"mount": _mount, "umount": _umount, "stats": _stats}
+COMMANDS = {"mount": _mount, "umount": _umount, "stats": _stats, "upgrade": _upgrade}

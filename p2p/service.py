@@ -162,7 +162,8 @@ class P2PService:
                                    metrics=StorageMetrics(backend.source_stats),
                                    merge_size=cache.merge_size, max_inflight=cache.max_inflight,
                                    readahead=cache.readahead, flush_interval=cache.flush_interval,
-                                   flush_chunks=cache.flush_chunks)
+                                   flush_chunks=cache.flush_chunks, max_size=cache.max_size,
+                                   budget_root=cache.budget_root or None)
             # No miss amplification: the P2P backend reads ahead over the LAN itself (up to 1 MiB from the
             # holder); widening on top cost the lazy-start quick suite 1.37 -> 1.91 s (numpy, p2p, loopback).
         except BaseException:

@@ -15,6 +15,11 @@ There is no state file: after a restart the data extents of the file
 again on first use (`node.BlobState`). The file is flock'ed: one node per
 directory. Disk cost: the compressed size of what the node fetched (the blob
 cache holds the same data uncompressed).
+
+Under a cache size limit (`rafs.storage.cache.evict`: the payload directory lies under the limited
+cache root) every unit is written within the budget's room, and units are evicted like cache chunks,
+least recently written first: their bytes are punched out (a read of an evicted unit returns None;
+`node.BlobState` re-verifies every unit it reads anyway, so a hole is never served).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import errno
 import fcntl
 import logging
 import os
+import threading
 
 from rafs.errors import RafsError
 
@@ -58,6 +64,11 @@ class PayloadFile:
             raise
         self._fd = fd
         self.write_failed = False
+        self._budget = None                # the cache size limit covering this file, once looked up
+        self._looked_up = False
+        self._lock = threading.Lock()
+        self._evicted: set[int] = set()    # offsets of units punched out since they were written
+        self._unit_length: dict[int, int] = {}   # offset -> length of the units written here
 
     def data_extents(self) -> RangeSet:
         """Byte ranges of the file that are not holes (where units may have been written)."""
@@ -80,7 +91,10 @@ class PayloadFile:
         return RangeSet(out)
 
     def read(self, offset: int, size: int) -> bytes | None:
-        """The bytes at [offset, offset+size), or None if they cannot be read."""
+        """The bytes at [offset, offset+size), or None if they cannot be read (or were evicted)."""
+        with self._lock:
+            if offset in self._evicted:
+                return None
         try:
             parts = []
             got = 0
@@ -96,12 +110,63 @@ class PayloadFile:
             return None
 
     def write(self, offset: int, data: bytes) -> bool:
-        """Write verified bytes at `offset`; False (logged once) if the disk refuses them."""
+        """Write verified bytes at `offset`; False (logged once) if the disk refuses them, or the
+        cache size limit leaves no room."""
+        budget = self._budget_now()
+        if budget is None:
+            return self._write(offset, data)
+        from rafs.storage.cache.reader import disk_span
+        span = disk_span(offset, len(data))
+        with budget.room(span) as ok:
+            if not ok or not self._write(offset, data):
+                return False
+            with self._lock:
+                self._evicted.discard(offset)
+        budget.present(self, offset, span)
+        return True
+
+    def _budget_now(self):
+        """The size limit covering this file (looked up once: it is made with the cache manager, after
+        the P2P service); what the file held already is registered as least recently used."""
+        if not self._looked_up:
+            from rafs.storage.cache.evict import budget_covering
+            budget = budget_covering(self.path)
+            with self._lock:
+                if self._looked_up:
+                    return self._budget
+                self._looked_up, self._budget = True, budget
+            if budget is not None:
+                budget.register(self)
+                for start, end in self.data_extents():
+                    budget.present(self, (start, end - start), end - start)
+        return self._budget
+
+    def evict(self, key) -> int | None:
+        """Punch unit `key` (its offset; or (offset, length) of an extent found at open) out of the file
+        (the size limit's eviction); returns the bytes freed."""
+        offset, length = key if isinstance(key, tuple) else (key, None)
+        with self._lock:
+            if self._fd < 0:
+                return None
+            if length is None:
+                length = self._unit_length.get(offset)
+                if length is None:
+                    return None
+            before = os.fstat(self._fd).st_blocks * 512
+            self._evicted.add(offset)
+            from rafs.storage.cache.evict import punch_hole
+            punch_hole(self._fd, offset, length)
+            return max(0, before - os.fstat(self._fd).st_blocks * 512)
+
+    def _write(self, offset: int, data: bytes) -> bool:
         try:
             view = memoryview(data)
+            start = offset
             while view.nbytes:
                 n = os.pwrite(self._fd, view, offset)
                 view, offset = view[n:], offset + n
+            with self._lock:
+                self._unit_length[start] = len(data)
             return True
         except OSError as e:
             if not self.write_failed:
@@ -111,6 +176,9 @@ class PayloadFile:
             return False
 
     def close(self) -> None:
-        fd, self._fd = self._fd, -1
+        if self._budget is not None:
+            self._budget.unregister(self)
+        with self._lock:
+            fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)

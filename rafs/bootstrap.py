@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import errno
 import json
+import operator
 import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO, NamedTuple
@@ -539,31 +540,35 @@ def _read_blob(data, i: int, h: _Head) -> BlobInfo:
     return info
 
 
+_VIEW_ORDER = operator.attrgetter("uncompressed_offset", "index")
+
+
 def _read_chunks(data, h: _Head, blobs: list[BlobInfo]) -> None:
     """Fill each blob's `entries` from the chunk table, checking each entry against its blob."""
     per_blob: list[list[ChunkEntry]] = [[] for _ in blobs]
     for k, (digest, bi, flags, csize, usize, coff, uoff, _foff, index, _crc) in enumerate(
             L.RAFS_CHUNK_INFO.iter_unpack(data[h.cto:h.cto + h.cts])):
-        where = f"RAFS v6 chunk table entry {k}"
         if bi >= len(blobs):
-            raise FormatError(f"{where}: blob index {bi}, but the image has {len(blobs)} blobs")
+            raise FormatError(f"RAFS v6 chunk table entry {k}: blob index {bi}, but the image has "
+                              f"{len(blobs)} blobs")
         b = blobs[bi]
         if flags & L.RAFS_CHUNK_ENCRYPTED:
-            raise FormatError(f"{where}: not supported: encrypted (chunk flags {flags:#x})")
+            raise FormatError(f"RAFS v6 chunk table entry {k}: not supported: encrypted "
+                              f"(chunk flags {flags:#x})")
         if flags & L.RAFS_CHUNK_BATCH:
-            raise FormatError(f"{where}: not supported: batch (chunk flags {flags:#x})")
+            raise FormatError(f"RAFS v6 chunk table entry {k}: not supported: batch (chunk flags {flags:#x})")
         if flags & ~_ALL_CHUNK_FLAGS:
-            raise FormatError(f"{where}: unknown chunk flags {flags:#x}")
+            raise FormatError(f"RAFS v6 chunk table entry {k}: unknown chunk flags {flags:#x}")
         if (uoff % L.BLKSZ or not 0 < usize <= h.chunk_size or uoff + usize > b.uncompressed_size
                 or csize == 0 or coff + csize > b.compressed_size
                 or (index >= b.chunk_count and not b.features & B.FEATURE_IS_CHUNKDICT_GENERATED)):
-            raise FormatError(f"{where}: chunk {index} ({usize} bytes at {uoff} in the view, {csize} at {coff} "
-                              f"in the blob) does not fit blob {bi} ({b.chunk_count} chunks, "
+            raise FormatError(f"RAFS v6 chunk table entry {k}: chunk {index} ({usize} bytes at {uoff} in the "
+                              f"view, {csize} at {coff} in the blob) does not fit blob {bi} ({b.chunk_count} chunks, "
                               f"{b.uncompressed_size}-byte view, {b.compressed_size}-byte file)")
         per_blob[bi].append(ChunkEntry(uoff, usize, coff, csize, digest,
                                        B.FLAG_COMPRESSED if flags & L.RAFS_CHUNK_COMPRESSED else 0, index))
     for b, entries in zip(blobs, per_blob):
-        entries.sort(key=lambda e: (e.uncompressed_offset, e.index))
+        entries.sort(key=_VIEW_ORDER)
         b.entries = entries
 
 

@@ -51,6 +51,14 @@ from .osutil import atomic_write
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "fuse", "erofs")
+# the counters that survive a failover: the daemon writes them to <state>/stats.json every
+# STATS_SAVE_INTERVAL seconds (and when it hands over); a daemon adopting the mount starts from them
+STATS_FILE = "stats.json"
+STATS_SAVE_INTERVAL = 1.0
+STATS_COUNTERS = ("bytes_fetched", "requests", "request_errors", "chunks_fetched", "chunks_hit", "chunks_missed",
+                  "verify_failures", "recheck_failures", "prefetch_bytes", "prefetch_requests", "bytes_read",
+                  "evictions")
+READ_COUNTERS = ("file_reads", "blob_reads", "bytes")
 
 
 # --------------------------------------------------------------------------- mode
@@ -82,6 +90,8 @@ class MountConfig:
     pid_file: str | None = None
     read_ahead_kb: int | None = 1024    # kernel readahead of the mount (None: the kernel's default)
     description: dict = field(default_factory=dict)     # ref, cache dir, backend (shown by stats)
+    fuse_fd: int | None = None      # a /dev/fuse fd from the holder (rafs.holder): serve it with rafs.fuseproto
+    adopt: bool = False             # ... whose connection is mounted and initialised already (failover)
 
 
 class MountDaemon:
@@ -111,6 +121,8 @@ class MountDaemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._prefetch_thread: threading.Thread | None = None
         self.prefetch_state = "none"
+        self._stats_saved: dict | None = None   # what save_stats() wrote last
+        self.handover = False          # stop without unmounting: a new daemon serves the connection
 
     # ------------------------------------------------------------------ start
     def start(self) -> str:
@@ -124,10 +136,16 @@ class MountDaemon:
                     raise RafsError(f"mountpoint {self.mountpoint}: {e.strerror}") from None
         try:
             os.makedirs(self.paths.dir, mode=0o700, exist_ok=True)
+            if self.cfg.adopt:
+                return self._adopt()
             self._take_lock()
             for line in clear_stale(self.mountpoint, self.paths):
                 print(f"{self.mountpoint}: {line}", flush=True)
             self._owns_state = True
+            try:
+                os.unlink(self._stats_path())       # a new mount starts from zero
+            except FileNotFoundError:
+                pass
             self._write_info()
             atomic_write(self.paths.pid, f"{os.getpid()}\n")
             mode, why = choose_mode(self.cfg.mode)
@@ -150,15 +168,107 @@ class MountDaemon:
             if self.cfg.pid_file:
                 atomic_write(self.cfg.pid_file, f"{os.getpid()}\n")
         except BaseException:
+            if self.cfg.adopt:
+                self.handover = True    # a failed adoption leaves the mounts to the next try
             self.stop()
             raise
         return mode
 
-    def _take_lock(self) -> None:
+    def _adopt(self) -> str:
+        """Failover / hot upgrade: serve the mounted, initialised connection of the holder's fd. The
+        mounts stay as they are (EROFS over the blob files, or the tree); the previous daemon's
+        requests come again (FUSE_NOTIFY_RESEND). Waits for the previous daemon's lock (a hot
+        upgrade: it is handing over)."""
+        info = read_info(self.paths) or {}
+        mode = info.get("mode")
+        if mode not in ("fuse", "erofs"):
+            raise RafsError(f"cannot adopt the mount at {self.mountpoint}: no mode in {self.paths.info}")
+        self.mode_reason = info.get("mode_reason") or "adopted"
+        self._take_lock(wait=30.0)
+        self._owns_state = True
+        self._restore_stats()
+        from .fuseproto import BlobInodes, FuseConnServer, TreeInodes
+        if mode == "erofs":
+            inodes = BlobInodes(self.fs, int(info.get("blobs_mtime_ns", 0)))
+            where = self.paths.blobs
+            self._kernel_mounted = True
+        else:
+            inodes = TreeInodes(self.fs)
+            where = self.mountpoint
+        self._fuse = FuseConnServer(inodes, self.cfg.fuse_fd, where, adopt=True)
+        self._fuse.start()
+        self.mode = mode
+        self._mount_id = self._find_mount_id()
+        self._write_info()
+        atomic_write(self.paths.pid, f"{os.getpid()}\n")
+        self._start_api()
+        self._start_prefetch()          # what the previous daemon fetched is in the cache: cheap
+        if self.cfg.pid_file:
+            atomic_write(self.cfg.pid_file, f"{os.getpid()}\n")
+        return mode
+
+    # ------------------------------------------------------------------ statistics across failovers
+    def _stats_path(self) -> str:
+        return os.path.join(self.paths.dir, STATS_FILE)
+
+    def _saved_stats(self) -> dict:
+        metrics = getattr(self.caches, "metrics", None)
+        m = metrics.snapshot() if metrics is not None else {}
+        reads = self.fs.counters.snapshot()
+        return {"counters": {k: m[k] for k in STATS_COUNTERS if k in m},
+                "reads": {"file_reads": reads["file_reads"], "blob_reads": reads["blob_reads"],
+                          "bytes": reads["bytes_requested"], "largest": reads["largest_request"]}}
+
+    def save_stats(self) -> None:
+        """Persist the cumulative counters (`<state>/stats.json`), so that the daemon that adopts the
+        mount after this one dies (even by SIGKILL) continues them; at most STATS_SAVE_INTERVAL old."""
+        data = self._saved_stats()
+        if data == self._stats_saved:
+            return
+        try:
+            atomic_write(self._stats_path(), json.dumps(data, sort_keys=True))
+            self._stats_saved = data
+        except OSError as e:
+            log.warning("cannot save the statistics to %s: %s", self._stats_path(), e)
+
+    def _restore_stats(self) -> None:
+        """Adoption: start from the previous daemon's counters (before anything is served)."""
+        try:
+            with open(self._stats_path(), encoding="utf-8") as f:
+                saved = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("the previous daemon's statistics are unreadable (%s): starting from zero", e)
+            return
+        metrics = getattr(self.caches, "metrics", None)
+        # nothing is served yet (no FUSE loop, no prefetch, no API): no other thread touches them
+        if metrics is not None:
+            for k, v in (saved.get("counters") or {}).items():
+                if k in STATS_COUNTERS and isinstance(v, int):
+                    setattr(metrics, k, getattr(metrics, k) + v)
+        reads, counters = saved.get("reads") or {}, self.fs.counters
+        for k in READ_COUNTERS:
+            if isinstance(reads.get(k), int):
+                setattr(counters, k, getattr(counters, k) + reads[k])
+        if isinstance(reads.get("largest"), int):
+            counters.largest = max(counters.largest, reads["largest"])
+        log.info("continuing the previous daemon's statistics (%s bytes fetched)",
+                 (saved.get("counters") or {}).get("bytes_fetched"))
+
+    def _take_lock(self, wait: float = 0.0) -> None:
         """One daemon per mountpoint: an exclusive flock the kernel drops when we die, even by SIGKILL."""
         fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.005)
         except BlockingIOError:
             os.close(fd)
             info = read_info(self.paths) or {}
@@ -171,8 +281,14 @@ class MountDaemon:
             return
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        if self.cfg.fuse_fd is not None:
+            signal.signal(signal.SIGUSR1, self._on_signal)
 
     def _on_signal(self, signum, _frame) -> None:
+        if signum == signal.SIGUSR1:
+            self.handover = True
+            self.request_stop("handover to a new daemon (hot upgrade)")
+            return
         self.request_stop(signal.Signals(signum).name)
 
     def request_stop(self, reason: str) -> None:
@@ -188,7 +304,20 @@ class MountDaemon:
         ref = self.cfg.description.get("ref") or "image"
         return f"pynydus:{ref}"
 
+    def _serve_fd(self, inodes, where: str, subtype: str) -> None:
+        """Mount the holder's fresh /dev/fuse fd at `where` and serve it (rafs.fuseproto)."""
+        from .fuseproto import FuseConnServer, mount_fuse
+        mount_fuse(self.cfg.fuse_fd, where, self._fsname(), subtype)
+        self._fuse = FuseConnServer(inodes, self.cfg.fuse_fd, where)
+        self._fuse.start()
+
     def _mount_fuse(self) -> None:
+        if self.cfg.fuse_fd is not None:
+            from .fuseproto import TreeInodes
+            self._serve_fd(TreeInodes(self.fs), self.mountpoint, "pynydus")
+            dev = os.stat(self.mountpoint).st_dev
+            self._set_read_ahead(f"{os.major(dev)}:{os.minor(dev)}")
+            return
         from .fuse import FuseServer, RafsFuseOps, fuse_mode_options
         self._fuse = FuseServer(RafsFuseOps(self.fs), self.mountpoint, fuse_mode_options(self._fsname()))
         self._fuse.start()
@@ -209,9 +338,13 @@ class MountDaemon:
         from .fuse import FuseServer
         atomic_write(self.paths.image, self.raw, mode=0o600)
         os.makedirs(self.paths.blobs, mode=0o700, exist_ok=True)
-        self._fuse = FuseServer(BlobFsOps(self.fs, int(self.started * 1e9)), self.paths.blobs,
-                                blobfs_options(self._fsname(), direct_io=True))
-        self._fuse.start()
+        if self.cfg.fuse_fd is not None:
+            from .fuseproto import BlobInodes
+            self._serve_fd(BlobInodes(self.fs, int(self.started * 1e9)), self.paths.blobs, "pynydus-blobs")
+        else:
+            self._fuse = FuseServer(BlobFsOps(self.fs, int(self.started * 1e9)), self.paths.blobs,
+                                    blobfs_options(self._fsname(), direct_io=True))
+            self._fuse.start()
         devices = [os.path.join(self.paths.blobs, str(i)) for i in range(len(self.boot.meta.blobs))]
         before = erofs_bdis()
         mount_erofs(self.paths.image, devices, self.mountpoint)
@@ -292,7 +425,13 @@ class MountDaemon:
 
     def _write_info(self) -> None:
         info = {"pid": os.getpid(), "starttime": process_starttime(os.getpid()), "mode": self.mode,
+                "mode_reason": self.mode_reason, "blobs_mtime_ns": int(self.started * 1e9),
                 "mountpoint": self.mountpoint, "api": self.paths.api_sock, **self.cfg.description}
+        if self.cfg.fuse_fd is not None:
+            info["holder_pid"] = int(os.environ.get("PYNYDUS_HOLDER_PID") or 0) or None
+        old = read_info(self.paths) if self.cfg.adopt else None
+        if old and old.get("blobs_mtime_ns"):
+            info["blobs_mtime_ns"] = old["blobs_mtime_ns"]      # the blob files keep their times
         atomic_write(self.paths.info, json.dumps(info, sort_keys=True))
 
     # ------------------------------------------------------------------ run and stop
@@ -304,10 +443,22 @@ class MountDaemon:
         try:
             mi.read()
             poller.register(mi.fileno(), select.POLLPRI | select.POLLERR)
+            holder_fd = self._watch_holder(poller)
+            saved_at = 0.0
             while self.stop_reason is None:
-                events = poller.poll(1000)
+                if self.cfg.fuse_fd is not None and time.monotonic() - saved_at >= STATS_SAVE_INTERVAL:
+                    self.save_stats()           # under a holder: a successor may need them
+                    saved_at = time.monotonic()
+                events = poller.poll(int(STATS_SAVE_INTERVAL * 1000))
                 for fd, _ in events:
-                    if fd == mi.fileno():
+                    if fd == holder_fd:
+                        poller.unregister(fd)
+                        os.close(fd)
+                        holder_fd = None
+                        if self.stop_reason is None:
+                            self._restart_holder()
+                            holder_fd = self._watch_holder(poller)
+                    elif fd == mi.fileno():
                         mi.seek(0)
                         mi.read()
                         if self._mount_id is not None and \
@@ -326,6 +477,62 @@ class MountDaemon:
         self.stop()
         return self.stop_reason or "stopped"
 
+    def _watch_holder(self, poller) -> int | None:
+        """A pidfd of our holder (rafs.holder), registered in `poller`: it tells when the holder dies."""
+        pid = int(os.environ.get("PYNYDUS_HOLDER_PID") or 0)
+        if self.cfg.fuse_fd is None or not pid:
+            return None
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            self._restart_holder()
+            return self._watch_holder(poller) if os.environ.get("PYNYDUS_HOLDER_PID") != str(pid) else None
+        poller.register(fd, select.POLLIN)
+        return fd
+
+    def _restart_holder(self) -> None:
+        """Our holder is gone: start a new one holding our copy of the fd (it restarts us if we die)."""
+        import subprocess
+        import sys
+        env = {k: v for k, v in os.environ.items() if k not in ("PYNYDUS_FUSE_FD", "PYNYDUS_FUSE_ADOPT",
+                                                                "PYNYDUS_NOTIFY_FD", "PYNYDUS_HOLDER_PID")}
+        try:
+            out = os.open(self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                p = subprocess.Popen([sys.executable, "-m", "rafs.holder", "--state", self.paths.dir, "--log",
+                                      self.paths.log, "--fuse-fd", str(self.cfg.fuse_fd),
+                                      "--adopt-daemon", str(os.getpid())],
+                                     pass_fds=(self.cfg.fuse_fd,), start_new_session=True, env=env, cwd="/",
+                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            finally:
+                os.close(out)
+        except OSError as e:
+            log.error("our holder is gone and a new one cannot start: %s", e)
+            os.environ.pop("PYNYDUS_HOLDER_PID", None)
+            return
+        log.warning("the holder of %s died; started a new one, pid %d", self.mountpoint, p.pid)
+        os.environ["PYNYDUS_HOLDER_PID"] = str(p.pid)
+        threading.Thread(target=p.wait, daemon=True).start()     # reap it if it leaves before us
+        try:
+            self._write_info()
+        except OSError:
+            pass
+
+    def _end_holder(self) -> None:
+        """A clean stop of a served mount: the holder has nothing left to hold; it goes before we do (so
+        whoever waits for this daemon to exit finds no holder either)."""
+        pid = int(os.environ.get("PYNYDUS_HOLDER_PID") or 0)
+        if self.cfg.fuse_fd is None or not pid or not self.mode or self.handover:
+            return
+        try:
+            os.unlink(os.path.join(self.paths.dir, "holder.json"))
+        except OSError:
+            pass
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
     def _teardown_mounts(self) -> None:
         if self._kernel_mounted:
             unmount(self.mountpoint)
@@ -337,6 +544,28 @@ class MountDaemon:
                     log.warning("the FUSE loop at %s did not end", self._fuse.mountpoint)
             self._fuse = None
 
+    def _hand_over(self) -> None:
+        """Hot upgrade: stop answering (the next daemon gets what is left by RESEND), flush and close the
+        cache, release the lock; the mounts and the state stay for the next daemon."""
+        if self._fuse is not None and hasattr(self._fuse, "drain"):
+            self._fuse.drain()
+        self.save_stats()                   # the next daemon continues from here
+        if self._api is not None:
+            self._api.close()
+        try:
+            self.caches.close()
+        except Exception as e:
+            log.error("closing the cache: %s", e)
+        fds = (self._wake_r, self._wake_w, self._lock_fd)
+        self._wake_r = self._wake_w = -1
+        self._lock_fd = None
+        for fd in fds:
+            if fd is not None and fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
     def stop(self) -> None:
         """Unmount (EROFS first, then FUSE), stop the API, flush and close the cache, clean the state."""
         with self._stop_lock:
@@ -344,11 +573,14 @@ class MountDaemon:
                 return
             self._stopped = True
         errors = []
+        if self.handover:
+            return self._hand_over()
         try:
             self._teardown_mounts()
         except OSError as e:
             errors.append(e)
             log.error("unmounting %s: %s", self.mountpoint, e)
+        self._end_holder()
         if self._api is not None:
             self._api.close()
         try:
@@ -356,7 +588,7 @@ class MountDaemon:
         except Exception as e:
             errors.append(e)
             log.error("closing the cache: %s", e)
-        owned = (self.paths.pid, self.paths.info, self.paths.image) if self._owns_state else ()
+        owned = (self.paths.pid, self.paths.info, self.paths.image, self._stats_path()) if self._owns_state else ()
         for p in (*owned, self.cfg.pid_file if self.mode else None):
             if p:
                 try:

@@ -97,6 +97,12 @@ def add_mount_options(parser, *, caches: CacheBuilder = DIRECT_CACHES, cache_dir
                              "auto (default): erofs where the kernel supports it")
     parser.add_argument("--cache-dir", default=cache_dir_default, required=cache_dir_default is None,
                         help="blob cache" + (f" (default {cache_dir_default})" if cache_dir_default else ""))
+    parser.add_argument("--cache-max-size", metavar="SIZE", default="0",
+                        help="disk limit of the blob cache, e.g. 64M or 2G (default 0: none); past it the least "
+                             "recently used chunks no read is using are evicted (fetched again when read)")
+    parser.add_argument("--cache-limit-root", metavar="DIR", default=None,
+                        help="the directory --cache-max-size covers, shared with the other daemons under it "
+                             "(default: --cache-dir; the snapshotter passes its cache root)")
     parser.add_argument("--prefetch-all", action="store_true", help="fetch whole blobs in the background")
     parser.add_argument("--run-dir", required=require_state,
                         help="state directory root (default $PYNYDUS_RUN_DIR or /run/pynydus)")
@@ -106,6 +112,9 @@ def add_mount_options(parser, *, caches: CacheBuilder = DIRECT_CACHES, cache_dir
                              "(http://127.0.0.1:65001), KEY=VALUE,... with nydusd's mirror keys (host, "
                              "header=NAME:VALUE, auth_through, ping_url, health_check_interval, failure_limit) "
                              "or a JSON object; see rafs/storage/backend/mirror.py")
+    parser.add_argument("--holder", choices=("auto", "on", "off"), default="auto",
+                        help="detached mounts: keep the FUSE connection in a holder process that restarts a "
+                             "dead daemon on it (failover, hot upgrade); auto (default): on for root")
     parser.add_argument("--metrics-address", metavar="HOST:PORT",
                         help="serve Prometheus metrics of this mount at http://HOST:PORT/metrics "
                              "(port 0: a free one, shown by stats)")
@@ -115,9 +124,84 @@ def add_mount_options(parser, *, caches: CacheBuilder = DIRECT_CACHES, cache_dir
 
 # --------------------------------------------------------------------------- launch
 
+def held_fd() -> tuple[int, bool, int | None] | None:
+    """(fuse fd, adopt, notify fd) when this process is a mount daemon started by a holder (rafs.holder)."""
+    fd = os.environ.get("PYNYDUS_FUSE_FD")
+    if not fd:
+        return None
+    notify = os.environ.get("PYNYDUS_NOTIFY_FD")
+    return int(fd), os.environ.get("PYNYDUS_FUSE_ADOPT") == "1", int(notify) if notify else None
+
+
+def holder_wanted(args) -> bool:
+    """Whether a detached mount runs under a holder (failover, hot upgrade): --holder auto (default) is
+    yes for root (mount(2) of FUSE needs it); PYNYDUS_HOLDER=0/1 overrides auto."""
+    want = getattr(args, "holder", "auto") or "auto"
+    if want == "auto":
+        env = os.environ.get("PYNYDUS_HOLDER")
+        if env in ("0", "1"):
+            return env == "1"
+        return os.geteuid() == 0 and os.path.exists("/dev/fuse")
+    return want == "on"
+
+
+def spawn_holder(state_dir: str, log_path: str, relaunch: list[str]) -> tuple[int, tuple[bool, str]]:
+    """Start `python -m rafs.holder` (own session) running `relaunch` as the mount daemon; returns
+    (holder pid, (ok, message)) once the first daemon has reported."""
+    import subprocess
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    r, w = os.pipe()
+    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYNYDUS_FUSE_FD", "PYNYDUS_FUSE_ADOPT",
+                                                            "PYNYDUS_NOTIFY_FD", "PYNYDUS_HOLDER_PID")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "rafs.holder", "--state", state_dir, "--log", log_path,
+                              "--report-fd", str(w), "--", *relaunch], pass_fds=(w,), start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
+    finally:
+        os.close(w)
+        os.close(out)
+    return p.pid, _read_report(r, log_path)
+
+
+def _read_report(r: int, log_path: str) -> tuple[bool, str]:
+    """The (ok, message) the daemon (or its holder) writes to pipe `r` once the mount is ready or failed;
+    if it died without one, the tail of its log says why."""
+    chunks = []
+    while b := os.read(r, 65536):
+        chunks.append(b)
+    os.close(r)
+    try:
+        msg = json.loads(b"".join(chunks))
+        return bool(msg["ok"]), str(msg["message"])
+    except (ValueError, KeyError, TypeError):
+        tail = ""
+        try:
+            with open(log_path, errors="replace") as f:
+                tail = f.read()[-2000:]
+        except OSError:
+            pass
+        return False, f"the daemon exited before the mount was ready\n{tail}"
+
+
+def _notify_fd(fd: int | None):
+    def notify(ok: bool, message: str) -> None:
+        nonlocal fd
+        if fd is None:
+            return
+        try:
+            os.write(fd, json.dumps({"ok": ok, "message": message}).encode())
+        finally:
+            os.close(fd)
+            fd = None
+    return notify
+
+
 def launch(args, open_image: Callable[[], tuple[bytes, Any, dict]], *, report: Callable[[Any], str],
            caches: CacheBuilder = DIRECT_CACHES, detach: bool = False, error_prefix: str = "mount daemon",
-           quick_exit: bool = False) -> int:
+           quick_exit: bool = False, relaunch: list[str] | None = None) -> int:
     """Mount an image with the options of `add_mount_options` in `args` (`args.mountpoint` too) and
     serve it until it is unmounted; returns the exit status (see the module's docstring).
 
@@ -129,14 +213,31 @@ def launch(args, open_image: Callable[[], tuple[bytes, Any, dict]], *, report: C
     from .mounttab import state_paths
     from .storage.backend.mirror import parse_mirrors
 
-    for name in ("mountpoint", "cache_dir", "run_dir", "pid_file"):
+    for name in ("mountpoint", "cache_dir", "run_dir", "pid_file", "cache_limit_root"):
         if getattr(args, name, None):
             setattr(args, name, os.path.abspath(getattr(args, name)))
     args.mirrors = parse_mirrors(getattr(args, "mirror", None))     # MirrorConfigs for open_image's backend
     if getattr(args, "metrics_address", None):
-        from .prometheus import parse_address
-        parse_address(args.metrics_address)       # a typo fails here, before anything is mounted
+        from .prometheus import check_address_free
+        check_address_free(args.metrics_address)  # a typo or a taken port fails here, before anything is mounted
+    if getattr(args, "cache_max_size", None):
+        from .storage.cache.evict import parse_size
+        parse_size(args.cache_max_size)           # likewise a bad size
     notify = None
+    held = held_fd()
+    if held is not None:                          # a daemon under a holder: serve its fd, here
+        detach = False
+        notify = _notify_fd(held[2])
+        for k in ("PYNYDUS_NOTIFY_FD", "PYNYDUS_FUSE_ADOPT", "PYNYDUS_FUSE_FD"):
+            os.environ.pop(k, None)
+    elif detach and relaunch and holder_wanted(args):
+        paths = state_paths(args.mountpoint, args.run_dir)
+        pid, (ok, message) = spawn_holder(paths.dir, paths.log, relaunch)
+        print(message, flush=True)
+        if quick_exit:
+            sys.stderr.flush()
+            os._exit(0 if ok else 1)
+        return 0 if ok else 1
     if detach:
         pid, result = spawn_daemon(state_paths(args.mountpoint, args.run_dir).log)
         if pid is not None:                       # the launching process: report and leave
@@ -151,13 +252,17 @@ def launch(args, open_image: Callable[[], tuple[bytes, Any, dict]], *, report: C
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)    # unless the entry point has set it up
         from .storage.factory import CacheConfig
         raw, backend, desc = open_image()
-        manager = caches.build(backend, CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS), args)
+        manager = caches.build(backend, CacheConfig(dir=args.cache_dir, **MOUNT_CACHE_OPTIONS,
+                                                    max_size=getattr(args, "cache_max_size", 0) or 0,
+                                                    budget_root=getattr(args, "cache_limit_root", None) or ""),
+                               args)
         desc = {**desc}
         desc.setdefault("cache_dir", args.cache_dir)
         try:
             daemon = MountDaemon(raw, manager, MountConfig(
                 mountpoint=args.mountpoint, mode=args.mode, prefetch_all=args.prefetch_all,
-                run_dir=args.run_dir, pid_file=args.pid_file, description=desc))
+                run_dir=args.run_dir, pid_file=args.pid_file, description=desc,
+                fuse_fd=held[0] if held else None, adopt=bool(held and held[1])))
         except BaseException:
             manager.close()
             raise
@@ -233,25 +338,10 @@ def spawn_daemon(log_path: str) -> tuple[int | None, object]:
                 w = -1
         return None, notify
     os.close(w)
-    chunks = []
-    while True:
-        b = os.read(r, 65536)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(r)
-    try:
-        msg = json.loads(b"".join(chunks))
-        return pid, (bool(msg["ok"]), str(msg["message"]))
-    except (ValueError, KeyError, TypeError):
+    ok, message = _read_report(r, log_path)
+    if not ok:
         try:
             os.waitpid(pid, os.WNOHANG)         # reap it if it is gone already
         except ChildProcessError:
             pass
-        tail = ""
-        try:
-            with open(log_path, errors="replace") as f:
-                tail = f.read()[-2000:]
-        except OSError:
-            pass
-        return pid, (False, f"the daemon exited before the mount was ready\n{tail}")
+    return pid, (ok, message)

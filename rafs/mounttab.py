@@ -32,7 +32,8 @@ from .osutil import MountEntry, mountinfo  # noqa: F401  (MountEntry, mountinfo:
 
 __all__ = ["DEFAULT_RUN_DIR", "BUSY_GRACE", "MountBusy", "StatePaths", "run_dir", "state_paths", "read_info",
            "process_starttime", "daemon_alive", "MountEntry", "mountinfo", "mounts_at", "erofs_bdis", "is_ours",
-           "unmount", "clear_stale", "request_umount"]
+           "unmount", "clear_stale", "request_umount",
+           "read_holder", "request_upgrade"]
 
 log = logging.getLogger(__name__)
 
@@ -235,3 +236,40 @@ def request_umount(mountpoint: str, *, timeout: float = 30.0, run_dir_override: 
     if not done:
         raise RafsError(f"{mountpoint} is not mounted by pynydus")
     return "; ".join(done)
+
+
+# --------------------------------------------------------------------------- holder (failover, hot upgrade)
+
+def read_holder(paths: StatePaths) -> dict | None:
+    """`<state>/holder.json` of a mount run under a holder (rafs.holder): its pid, the daemon command."""
+    try:
+        with open(os.path.join(paths.dir, "holder.json"), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data.get("pid"), int) and process_starttime(data["pid"]) is not None else None
+
+
+def request_upgrade(mountpoint: str, *, timeout: float = 60.0, run_dir_override: str | None = None) -> str:
+    """Hot upgrade: the holder of `mountpoint` starts a new daemon on the connection, the old one hands
+    over; returns once the new daemon serves (its API answers)."""
+    from .api import ApiClient, ApiError
+    paths = state_paths(mountpoint, run_dir_override)
+    holder = read_holder(paths)
+    if holder is None:
+        raise RafsError(f"{mountpoint} has no holder (mounted without one, or not mounted): cannot upgrade "
+                        f"in place; remount it")
+    before = (read_info(paths) or {}).get("pid")
+    os.kill(holder["pid"], signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = read_info(paths)
+        if info and info.get("pid") != before and daemon_alive(info) and \
+                not (isinstance(before, int) and process_starttime(before) is not None):
+            try:
+                ApiClient(paths.api_sock, timeout=5).daemon()
+                return f"upgraded {mountpoint}: daemon pid {before} -> {info['pid']}"
+            except (ApiError, OSError):
+                pass
+        time.sleep(0.05)
+    raise RafsError(f"the upgrade of {mountpoint} did not finish within {timeout:.0f} s (see {paths.log})")

@@ -22,7 +22,7 @@ base units: bytes, seconds). Every mount's series carry `image` (the reference m
     pynydus_cache_prefetch_bytes_total        compressed bytes fetched by background prefetch
     pynydus_cache_prefetch_requests_total
     pynydus_cache_read_bytes_total            bytes the cache served to reads
-    pynydus_cache_evictions_total             chunks evicted (0: the cache is unbounded, nothing is evicted)
+    pynydus_cache_evictions_total             chunks evicted to stay under the cache's size limit
     pynydus_cache_disk_bytes                  gauge: disk use of the mount's open cache files
     pynydus_backend_read_bytes_total          bytes received per source (+ `source`: registry, mirror,
     pynydus_backend_requests_total              peer, localfs; `backend`: its name), requests and failed
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
@@ -67,8 +68,8 @@ _CACHE_COUNTERS = {
     "pynydus_cache_prefetch_bytes": ("Compressed bytes fetched by background prefetch.", "prefetch_bytes"),
     "pynydus_cache_prefetch_requests": ("Backend requests made by background prefetch.", "prefetch_requests"),
     "pynydus_cache_read_bytes": ("Bytes the blob cache served to reads.", "bytes_read"),
-    "pynydus_cache_evictions": ("Chunks evicted from the blob cache (always 0 for now: the cache is "
-                                "unbounded, nothing is evicted).", "evictions"),
+    "pynydus_cache_evictions": ("Chunks evicted from the blob cache to stay under its size limit "
+                                "(--cache-max-size, [cache] max_size).", "evictions"),
 }
 
 
@@ -233,6 +234,21 @@ def parse_address(address: str) -> tuple[str, int]:
     elif ":" in host:
         raise ValueError(f"metrics address {address!r}: write an IPv6 host in brackets, [::1]:9110")
     return host or "0.0.0.0", int(port)
+
+
+def check_address_free(address: str) -> None:
+    """OSError naming `address` if it cannot be listened on now (taken, not ours): checked before a mount
+    starts, so the user gets this line rather than a daemon that dies after mounting."""
+    host, port = parse_address(address)
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(e.errno, f"cannot serve metrics on {address}: {e.strerror}") from None
 
 
 class MetricsServer:

@@ -163,9 +163,47 @@ def status(argv: list[str]) -> int:
     return 0
 
 
+def upgrade_daemons(argv: list[str]) -> int:
+    """Hot upgrade: every running mount daemon is replaced by a freshly started one (the code on disk
+    now) on the same FUSE connection, through its holder; nothing is unmounted, readers only pause."""
+    p = argparse.ArgumentParser(prog="nydus-snapshotter upgrade-daemons", description=upgrade_daemons.__doc__)
+    p.add_argument("--root", help="the snapshotter's state directory")
+    p.add_argument("--config", help="the snapshotter's TOML configuration")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each new daemon")
+    args = p.parse_args(argv)
+    cfg = _status_config(args)
+    from rafs.errors import RafsError
+    from rafs.mounttab import request_upgrade
+
+    from . import metastore as ms
+    from .lazy import RafsMounts
+    from .mounts import Layout
+    layout = Layout(cfg.root)
+    if not layout.db_path.exists():
+        print(f"nydus-snapshotter upgrade-daemons: no metadata at {layout.db_path}", file=sys.stderr)
+        return 1
+    store = ms.MetaStore(layout.db_path, readonly=True)
+    try:
+        with store.transaction() as tx:
+            rows = [r for r in ms.list_rafs_mounts(tx) if r.state == "mounted"]
+    finally:
+        store.close()
+    lazy = RafsMounts(cfg)
+    lazy.layout = layout
+    failed = 0
+    for row in rows:
+        try:
+            print(request_upgrade(str(lazy.mountpoint(row.key)), timeout=args.timeout, run_dir_override=lazy.run_dir))
+        except (RafsError, OSError) as e:
+            failed += 1
+            print(f"{row.image_ref} ({row.key}): {e}", file=sys.stderr)
+    print(f"upgraded {len(rows) - failed} of {len(rows)} mount daemons")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"rpull": rpull, "status": status}
+    commands = {"rpull": rpull, "status": status, "upgrade-daemons": upgrade_daemons}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -41,6 +41,12 @@
     peers = []                            # a static list of peer "HOST:PORT"
     upload_rate = 0                       # bytes/s cap per daemon; 0 = none
 
+    [cache]
+    max_size = 0                          # disk limit of the whole cache dir ("20G", "512M"; 0 = none): every
+                                          # image's blob cache and P2P payload files, one budget for the node;
+                                          # past it the least recently used chunks no read is using are evicted
+    gc_interval = 60.0                    # seconds between removals of cache dirs that belong to no image
+
     [metrics]
     address = ""                          # "HOST:PORT": Prometheus metrics of the node (every mount daemon
                                           # + the snapshotter's own) at http://HOST:PORT/metrics
@@ -138,6 +144,24 @@ class P2PConfig:
 
 
 @dataclass
+class CacheSection:
+    max_size: int | str = 0        # bytes or "20G"; 0 = no limit
+    gc_interval: float = 60.0      # seconds between orphan cache GCs
+
+    @property
+    def max_bytes(self) -> int:
+        from rafs.storage.cache.evict import parse_size
+        return parse_size(self.max_size)
+
+    def daemon_args(self, cache_root: str) -> list[str]:
+        """A mount daemon's options for the node's one limit: it covers `cache_root` (all images' caches
+        and their P2P payload files), shared by every daemon under it (rafs/storage/cache/evict.py)."""
+        if not self.max_bytes:
+            return []
+        return ["--cache-max-size", str(self.max_bytes), "--cache-limit-root", os.path.abspath(cache_root)]
+
+
+@dataclass
 class MetricsConfig:
     address: str = ""              # HOST:PORT of the Prometheus endpoint; "" = none
 
@@ -150,6 +174,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     p2p: P2PConfig = field(default_factory=P2PConfig)
+    cache: CacheSection = field(default_factory=CacheSection)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
@@ -195,4 +220,10 @@ def load_config(path: str | None = None, **overrides) -> Config:
     if not isinstance(cfg.backend.mirrors, list):
         raise ValueError("backend.mirrors must be an array of tables ([[backend.mirrors]])")
     cfg.backend.mirrors_for("")                       # every mirror checked now, not at a mount
+    try:
+        cfg.cache.max_bytes
+    except ValueError as e:
+        raise ValueError(f"cache.max_size: {e}") from None
+    if not isinstance(cfg.cache.gc_interval, (int, float)) or cfg.cache.gc_interval <= 0:
+        raise ValueError(f"cache.gc_interval {cfg.cache.gc_interval!r} is not a number of seconds > 0")
     return cfg

@@ -116,8 +116,13 @@ class RafsMounts:
 
     def healthy(self, key: str) -> bool:
         mnt = self.mountpoint(key)
-        if self.daemon_info(key) is None or not is_mountpoint(mnt):
+        if not is_mountpoint(mnt):
             return False
+        if self.daemon_info(key) is None:
+            # under a holder (rafs.holder) a dead daemon is replaced on the same connection within a
+            # second: the mount is healthy as long as its holder lives (no restart-for-new-containers)
+            from rafs.mounttab import read_holder
+            return read_holder(self.state_paths(key)) is not None
         try:
             os.stat(mnt)
         except OSError:
@@ -216,6 +221,7 @@ class RafsMounts:
             args.append("--prefetch-all")
         args += self.cfg.p2p.daemon_args()
         args += self.cfg.backend.mirror_args(host)
+        args += self.cfg.cache.daemon_args(self.cfg.cache_dir)     # the node's one cache limit
         if self.cfg.backend.hosts_dir:
             args += ["--hosts-dir", os.path.abspath(self.cfg.backend.hosts_dir)]
         if self.cfg.backend.docker_config:
@@ -390,11 +396,28 @@ class RafsMounts:
             self._monitor = None
 
     def _watch(self, core) -> None:
+        last_gc = time.monotonic()
         while not self._stop.wait(MONITOR_INTERVAL):
             try:
                 self.check_all(core)
             except Exception:
                 log.exception("checking lazy mounts")
+            if time.monotonic() - last_gc >= self.cfg.cache.gc_interval:
+                last_gc = time.monotonic()
+                try:
+                    self.gc_caches()
+                except Exception:
+                    log.exception("cache GC")
+
+    def gc_caches(self) -> list[str]:
+        """The periodic cache GC: remove the cache dirs of no known mount that no daemon has open."""
+        from rafs.storage.cache.evict import remove_orphans
+        with self.store.transaction() as tx:
+            keep = {r.key for r in ms.list_rafs_mounts(tx)} | set(ms.rafs_users(tx).values())
+        removed = remove_orphans(self.cfg.cache_dir, keep | set(self._keys.values()))
+        if removed:
+            log.info("cache GC: removed the caches of %d images no mount uses: %s", len(removed), ", ".join(removed))
+        return removed
 
     def check_all(self, core) -> None:
         """Restart the daemon of every mounted image whose daemon died (repairing its mount)."""

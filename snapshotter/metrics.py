@@ -9,7 +9,7 @@ labelled `image` and `mode`) and the snapshotter's own:
     pynydus_snapshotter_mounts                   gauge: lazy mounts by `state` (mounted, failed, full)
     pynydus_snapshotter_images                   gauge: images by `status` (lazy, full, failed)
     pynydus_snapshotter_daemon_up                gauge per `image`: 1 if its mount daemon answered the scrape
-    pynydus_snapshotter_daemon_restarts_total    per `image`: mount daemons restarted after they died
+    pynydus_snapshotter_daemon_restarts_total    per `image`: mount daemons replaced after they died
     pynydus_snapshotter_scrape_duration_seconds  gauge: how long reading the daemons took
 
 Nothing is counted here: the numbers live in the daemons and the metadata store.
@@ -51,6 +51,15 @@ class SnapshotterCollector:
             log.debug("metrics: mount %s: %s", key, e)
             return None
 
+    def _failovers(self, key: str) -> int:
+        """Daemons the mount's holder (rafs.holder) started after one died; 0 without a holder."""
+        if self.lazy is None:
+            return 0
+        from rafs.mounttab import read_holder
+        held = read_holder(self.lazy.state_paths(key)) or {}
+        n = held.get("restarts", 0)
+        return n if isinstance(n, int) else 0
+
     def collect(self) -> Iterable:
         t0 = time.monotonic()
         fam = Families()
@@ -87,8 +96,9 @@ class SnapshotterCollector:
                 add_mount(fam, st)
         for r in rows:
             fam.add("counter", "pynydus_snapshotter_daemon_restarts",
-                    "Mount daemons the snapshotter restarted after they died (per image).",
-                    {"image": r.image_ref}, float(r.restarts))
+                    "Mount daemons replaced after they died (per image): by their holder (failover) "
+                    "or by the snapshotter.",
+                    {"image": r.image_ref}, float(r.restarts + self._failovers(r.key)))
         fam.add("gauge", "pynydus_snapshotter_scrape_duration_seconds",
                 "Seconds this scrape took to read the metadata and the mount daemons.", {},
                 time.monotonic() - t0)

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.bootstrap, "rb") as f:        # read before forking: errors reach the caller
         raw = f.read()
     return launch(args, lambda: _open_image(args, raw), caches=_caches(hasattr(args, "p2p_listen")),
-                  report=_report, detach=True, quick_exit=True, error_prefix="mount daemon")
+                  report=_report, detach=True, quick_exit=True, error_prefix="mount daemon",
+                  relaunch=[sys.executable, "-m", "snapshotter.mountd", *argv])
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 Per image: ``lazy`` (nydus blob layers answered as remote snapshots, RAFS
 mounted on demand), ``full`` (ordinary layers unpacked by containerd) or
 ``failed`` (with the reason). Per lazy mount: mode, daemon pid and liveness,
-restarts, bytes fetched from the registry, requests, cache hits and the cache's
-disk use (from the daemon's stats API).
+restarts, bytes fetched from the registry, requests, cache hits, the cache's
+disk use and evictions (from the daemon's stats API). The node's cache: disk use
+(blocks really used), the limit (`[cache] max_size`, 0 = none) and evictions.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def _listening(address: str) -> bool:
 def collect(cfg: Config) -> dict:
     layout = Layout(cfg.root)
     out: dict = {"root": str(layout.root), "address": cfg.address, "serving": _listening(cfg.address),
-                 "cache_dir": cfg.cache_dir, "images": [], "mounts": [], "snapshots": {}}
+                 "cache_dir": cfg.cache_dir, "cache_max_size": cfg.cache.max_bytes, "cache_evictions": 0,
+                 "images": [], "mounts": [], "snapshots": {}}
     if not layout.db_path.exists():
         out["error"] = f"no metadata at {layout.db_path}"
         return out
@@ -76,6 +78,10 @@ def collect(cfg: Config) -> dict:
                                               "chunks_missed", "chunks_fetched", "verify_failures", "bytes_read",
                                               "image_bytes", "prefetch")})
             fetched_by_image[row.image_ref] = fetched_by_image.get(row.image_ref, 0) + (st.get("bytes_fetched") or 0)
+            cst = st.get("cache") or {}
+            m["evictions"] = cst.get("evictions", 0)
+            m["cache_write_error"] = cst.get("write_error")
+            out["cache_evictions"] += m["evictions"] or 0
         out["mounts"].append(m)
     for ref, status, detail, updated in images:
         out["images"].append({"ref": ref, "status": status, "detail": detail,
@@ -98,7 +104,10 @@ def render(st: dict) -> str:
     s = st["snapshots"]
     lines.append(f"snapshots  {s.get('total', 0)} ({s.get('committed', 0)} committed, {s.get('active', 0)} active, "
                  f"{s.get('view', 0)} view; {s.get('remote', 0)} remote nydus layers)")
-    lines.append(f"cache      {st['cache_dir']}  {_mb(st['cache_bytes'])}")
+    limit = st.get("cache_max_size") or 0
+    lines.append(f"cache      {st['cache_dir']}  {_mb(st['cache_bytes'])} on disk"
+                 + (f" of {_mb(limit)} limit" if limit else " (no limit)")
+                 + f", {st.get('cache_evictions', 0)} chunks evicted")
     if st.get("standby_pid"):
         lines.append(f"standby    mount daemon launcher pid {st['standby_pid']}, ready")
     lines.append("")
@@ -114,6 +123,10 @@ def render(st: dict) -> str:
         lines.append(f"{m['key']:<18}{(m['mode'] or '-'):<7}{m['pid']:<9}{'yes' if m['daemon_alive'] else 'NO':<7}"
                      f"{m['restarts']:<10}{_mb(m.get('bytes_fetched')):<12}{str(m.get('requests', '-')):<7}"
                      f"{hm:<13}{_mb(m['cache_bytes']):<12}{m['image']}")
+        if m.get("evictions"):
+            lines.append(f"    {m['evictions']} cache chunks evicted")
+        if m.get("cache_write_error"):
+            lines.append(f"    cache not written: {m['cache_write_error']} (reads served from memory)")
         if m["state"] == "failed" and m["error"]:
             lines.append(f"    failed: {m['error'].splitlines()[-1]}")
     if not st["mounts"]:

@@ -32,6 +32,11 @@ class BlobChunks:
     blob_size: int                 # the blob file
 
 
+def _where(name: str, e) -> str:
+    return (f"{name}: the bootstrap's chunk #{e.index} (view [{e.uncompressed_offset}, "
+            f"{e.uncompressed_end}), blob bytes [{e.compressed_offset}, {e.compressed_end}))")
+
+
 def blob_chunks(info, name: str) -> BlobChunks:
     """Check `info` (a BlobInfo) and its `entries`; FormatError naming the blob otherwise."""
     try:
@@ -45,18 +50,17 @@ def blob_chunks(info, name: str) -> BlobChunks:
     seen: set[int] = set()
     prev_end = 0
     for e in entries:
-        where = (f"{name}: the bootstrap's chunk #{e.index} (view [{e.uncompressed_offset}, "
-                 f"{e.uncompressed_end}), blob bytes [{e.compressed_offset}, {e.compressed_end}))")
+        # (the message is built only on error: a bootstrap may list tens of thousands of chunks)
         if e.uncompressed_size <= 0 or e.compressed_size <= 0 or e.compressed_offset < 0:
-            raise FormatError(f"{where} is empty or negative")
+            raise FormatError(f"{_where(name, e)} is empty or negative")
         if e.uncompressed_offset < prev_end:
-            raise FormatError(f"{where} overlaps the previous chunk or is out of order")
+            raise FormatError(f"{_where(name, e)} overlaps the previous chunk or is out of order")
         if e.uncompressed_end > view:
-            raise FormatError(f"{where} runs past the blob's view ({view} bytes)")
+            raise FormatError(f"{_where(name, e)} runs past the blob's view ({view} bytes)")
         if e.compressed_end > size:
-            raise FormatError(f"{where} runs past the end of the blob ({size} bytes)")
+            raise FormatError(f"{_where(name, e)} runs past the end of the blob ({size} bytes)")
         if not 0 <= e.index < count or e.index in seen:
-            raise FormatError(f"{where}: its ci index is outside the blob's {count} chunks "
+            raise FormatError(f"{_where(name, e)}: its ci index is outside the blob's {count} chunks "
                               "or appears twice")
         seen.add(e.index)
         prev_end = e.uncompressed_end

@@ -28,6 +28,7 @@ from .backend import BlobBackend, LocalFsBackend, MirrorBackend, RegistryBackend
 from .backend.mirror import DEFAULT_PENALTY, MIRROR_KINDS, MirrorConfig, MirrorHealth, parse_mirror
 from .cache import (DEFAULT_FLUSH_CHUNKS, DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_INFLIGHT,
                     DEFAULT_MERGE_SIZE, MERGE_SIZE_MAX, MERGE_SIZE_MIN, CacheManager)
+from .cache.evict import parse_size
 from .metrics import StorageMetrics
 
 BACKEND_KINDS = ("registry", "localfs")
@@ -85,10 +86,14 @@ class CacheConfig:
     amplify: int | str = 0                     # widen a miss by this many bytes, or "auto" (measured)
     flush_interval: float = DEFAULT_FLUSH_INTERVAL
     flush_chunks: int = DEFAULT_FLUSH_CHUNKS
+    max_size: int | str = 0                    # disk limit of budget_root's files ("64M", "2G"; 0 = none)
+    budget_root: str = ""                      # the directory the limit covers (default: dir); the
+                                               # snapshotter's cache root: one limit for all its images
 
     def __post_init__(self) -> None:
         if not self.dir:
             raise ValueError("the cache needs a directory")
+        self.max_size = parse_size(self.max_size)
         if not MERGE_SIZE_MIN <= self.merge_size <= MERGE_SIZE_MAX:
             raise ValueError(f"merge_size must be {MERGE_SIZE_MIN}..{MERGE_SIZE_MAX}, "
                              f"got {self.merge_size}")
@@ -221,7 +226,8 @@ def build_cache_manager(cfg: CacheConfig, backend: BlobBackend, *,
     return CacheManager(os.path.abspath(cfg.dir), backend, metrics=metrics,
                         merge_size=cfg.merge_size, max_inflight=cfg.max_inflight,
                         readahead=cfg.readahead, amplify=cfg.amplify, flush_interval=cfg.flush_interval,
-                        flush_chunks=cfg.flush_chunks)
+                        flush_chunks=cfg.flush_chunks, max_size=cfg.max_size,
+                        budget_root=os.path.abspath(cfg.budget_root) if cfg.budget_root else None)
 
 
 def build_storage(cfg: StorageConfig) -> CacheManager:

@@ -156,7 +156,7 @@ class StorageMetrics:
         self.prefetch_bytes = 0        # compressed bytes fetched by background prefetch
         self.prefetch_requests = 0
         self.bytes_read = 0            # bytes returned by BlobCache.read
-        self.evictions = 0             # chunks evicted from the cache: none yet, the cache is unbounded
+        self.evictions = 0             # chunks evicted from the cache to stay under its size limit
         self._latency = LatencyReservoir(reservoir_size)
         self._histogram = LatencyHistogram()
 
@@ -194,7 +194,7 @@ class StorageMetrics:
             self.recheck_failures += 1
 
     def evicted(self, chunks: int = 1) -> None:
-        """Chunks dropped from the cache to make room (for a bounded cache; nothing evicts yet)."""
+        """Chunks dropped from the cache to make room under its size limit (cache/evict.py)."""
         with self._lock:
             self.evictions += chunks
 

@@ -217,7 +217,7 @@ def test_snapshotter_collector_reads_metadata_and_daemon_sockets(tmp_path):
             ms.set_image_status(tx, "reg:5000/bad:v1", "failed")
         lazy = SimpleNamespace(
             daemon_info=lambda key: {"pid": 7} if key == "k1" else None,
-            state_paths=lambda key: SimpleNamespace(api_sock=str(tmp_path / "api.sock")))
+            state_paths=lambda key: SimpleNamespace(api_sock=str(tmp_path / "api.sock"), dir=str(tmp_path / key)))
         fams = scrape(SnapshotterCollector(store, lazy))
     finally:
         api.close()

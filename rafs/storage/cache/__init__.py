@@ -5,7 +5,8 @@ each: `files` (the blob's cache files and their locks), `reader` (the read
 path: fetch, verify through `rafs.blob.decode_chunk`, store), `flush` (which
 chunks are ready, and the chunk-map flush), `state` (the `<blob_id>.chunkmap`
 file format), `prefetch` (the background scheduler and the demand gate) and
-`amplify` (how far a miss is widened). `CacheManager` (all blobs of a mount)
+`amplify` (how far a miss is widened), `evict` (the size limit: LRU eviction under a
+budget shared by every process using one cache root). `CacheManager` (all blobs of a mount)
 is in `manager`.
 """
 from ..chunks import MAX_MERGE_GAP

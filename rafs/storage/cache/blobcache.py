@@ -98,6 +98,7 @@ Fetching:
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from concurrent.futures import Future
@@ -114,7 +115,10 @@ from .amplify import FetchCostModel
 from .files import CacheClosed, CacheFiles
 from .flush import DEFAULT_FLUSH_CHUNKS, DEFAULT_FLUSH_INTERVAL, MISSING, ReadyState
 from .prefetch import DemandGate, Prefetcher
-from .reader import ChunkReader, Pending
+from .evict import CacheBudget
+from .reader import ChunkReader, Pending, disk_span
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MERGE_SIZE = 1 << 20
 MERGE_SIZE_MIN = 4 << 10
@@ -137,7 +141,8 @@ class BlobCache:
                  merge_size: int = DEFAULT_MERGE_SIZE, max_inflight: int = DEFAULT_MAX_INFLIGHT,
                  readahead: bool = True, amplify: int | str = 0, metrics: StorageMetrics | None = None,
                  gate: DemandGate | None = None, cost_model: FetchCostModel | None = None,
-                 flush_interval: float = DEFAULT_FLUSH_INTERVAL, flush_chunks: int = DEFAULT_FLUSH_CHUNKS):
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL, flush_chunks: int = DEFAULT_FLUSH_CHUNKS,
+                 budget: CacheBudget | None = None):
         if not MERGE_SIZE_MIN <= merge_size <= MERGE_SIZE_MAX:
             raise ValueError(f"merge_size must be {MERGE_SIZE_MIN}..{MERGE_SIZE_MAX} bytes, "
                              f"got {merge_size}")
@@ -159,6 +164,7 @@ class BlobCache:
         self.gate = gate if gate is not None else DemandGate()
         self.flush_interval = flush_interval
         self.flush_chunks = flush_chunks
+        self.budget = budget
         self.name = f"blob sha256:{self.blob_id}"
         self._files = CacheFiles(cache_dir, self.blob_id, self.name)
         self.dir = self._files.dir
@@ -187,10 +193,15 @@ class BlobCache:
                                    inflight=inflight, merge_size=merge_size,
                                    max_inflight=max_inflight, readahead=readahead,
                                    amplify=amplify, metrics=self.metrics, gate=self.gate,
-                                   cost_model=self.cost_model)
+                                   cost_model=self.cost_model, budget=budget, tenant=self)
         self._prefetcher = Prefetcher(self.name, f"prefetch-{self.blob_id[:12]}", self.gate,
                                       fetch_all=self._fetch_all, fetch_next=self._fetch_next)
         self._files.open(self._ready.load)
+        if budget is not None:             # what the data file holds already is the least recently used
+            budget.register(self)
+            for k, e in enumerate(self.entries):
+                if self._ready.state[k] != MISSING:
+                    budget.present(self, k, disk_span(e.uncompressed_offset, e.uncompressed_size))
 
     def covers(self, info) -> bool:
         """True if this cache serves every chunk of `info` (another record of the same blob)."""
@@ -231,8 +242,12 @@ class BlobCache:
             while self._active:
                 self._cond.wait()
         self._reader.shutdown()
+        if self.budget is not None:
+            self.budget.unregister(self)
         try:
             self.flush()
+        except OSError as e:               # a full disk: the map on disk stays as it was (never wrong)
+            log.warning("%s: cannot write cache state %s: %s", self.name, self.map_path, e)
         finally:
             self._files.release()          # releases the flocks too
 
@@ -303,6 +318,29 @@ class BlobCache:
         with self._using():
             return self._reader.fetch_next(indices, pos)
 
+    # ------------------------------------------------------------------ eviction (the size limit)
+    def evict(self, i: int) -> int | None:
+        """Drop chunk `entries[i]` from the cache to make room (`evict.CacheBudget`): mark it MISSING
+        (in the chunk map too) and punch its bytes out of the data file. None, and nothing done, if a
+        read has it pinned, a fetch or re-check has it in flight, or another process shares the data
+        file (it may be serving those bytes); else the bytes the data file shrank by."""
+        files = self._files
+        with files.sole_use() as sole:
+            if not sole:
+                return None
+            with self._lock:
+                if self._closing or self._ready.state[i] == MISSING or i in self._reader.inflight \
+                        or self._reader.pins.get(i):
+                    return None
+                e = self.entries[i]
+                before = files.disk_bytes()
+                # MISSING first (under the lock: no read can see it READY from now on), then the bytes go
+                self._ready.forget(i, e, self._ready.map.xxh64(e.index))
+                files.punch(e.uncompressed_offset, e.uncompressed_size)
+                freed = max(0, before - files.disk_bytes())
+        self.metrics.evicted(1)
+        return freed
+
     # ------------------------------------------------------------------ reporting
     def usage(self) -> dict:
         """Disk and chunk usage: `disk_bytes` is what the sparse data file really occupies."""
@@ -321,6 +359,7 @@ class BlobCache:
             "bytes_ready": ready_bytes,
             "chunks_inflight": inflight,
             "complete": ready == len(self.entries),
+            "write_error": self._reader.write_error,
         }
 
     def chunk_ready(self, i: int) -> bool:

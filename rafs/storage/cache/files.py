@@ -60,6 +60,7 @@ class CacheFiles:
         self.lock_path = os.path.join(self.dir, blob_id + ".lock")
         self._fd = self._lock_fd = -1
         self._key: tuple | None = None
+        self._xlock_here = threading.Lock()     # flock does not exclude threads sharing one fd
 
     # ------------------------------------------------------------------ opening
     def open(self, load: Callable[[bool], T]) -> T:
@@ -107,12 +108,32 @@ class CacheFiles:
 
     @contextmanager
     def xlock(self) -> Iterator[None]:
-        """The exclusive cross-process lock of this blob's cache files (short steps only)."""
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        """The exclusive cross-process (and cross-thread) lock of this blob's cache files (short steps
+        only)."""
+        with self._xlock_here:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def sole_use(self) -> Iterator[bool]:
+        """Under `xlock`: yields True, holding the data file exclusively, if no other process uses it
+        (then its bytes may be punched out: nobody else serves them); False if others share it.
+        Afterwards only the shared flock is kept again."""
+        with self.xlock():
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                sole = True
+            except BlockingIOError:
+                sole = False
+            try:
+                yield sole
+            finally:
+                # a failed conversion dropped our shared lock too (flock(2)): take it again either way;
+                # nobody opens the blob meanwhile (that happens under xlock)
+                self._flock_shared(self._fd)
 
     def _in_use_by_other(self) -> CacheInUse:
         return CacheInUse(f"{self.name}: cache file {self.data_path} is locked exclusively by "
@@ -164,6 +185,11 @@ class CacheFiles:
         while view.nbytes:
             n = os.pwrite(self._fd, view, offset)
             view, offset = view[n:], offset + n
+
+    def punch(self, offset: int, length: int) -> None:
+        """Free [offset, offset+length) of the data file (it reads as zeros; the size stays)."""
+        from .evict import punch_hole
+        punch_hole(self._fd, offset, length)
 
     def sync(self) -> None:
         """fdatasync the data file (before a chunkmap may vouch for its bytes)."""

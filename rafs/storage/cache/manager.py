@@ -14,6 +14,7 @@ from ..backend.base import BlobBackend
 from ..metrics import StorageMetrics
 from .amplify import FetchCostModel
 from .blobcache import BlobCache
+from .evict import CacheBudget, acquire_budget, release_budget, tree_bytes
 from .files import CacheClosed, CacheInUse
 from .prefetch import DemandGate
 
@@ -27,10 +28,15 @@ class CacheManager:
     (`merge_size`, `max_inflight`, `readahead`, `amplify`, `flush_interval`,
     `flush_chunks`) are passed to every BlobCache; the blobs share one
     FetchCostModel (they share the backend and its link).
+
+    `max_size` (bytes, 0 = none) limits what the files under `budget_root` (default: the cache
+    directory) occupy on disk, with the least recently used chunks evicted to make room (`evict`); every
+    process using that root shares the one limit.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, backend: BlobBackend, *,
-                 metrics: StorageMetrics | None = None, owns_backend: bool = True, **cache_options):
+                 metrics: StorageMetrics | None = None, owns_backend: bool = True, max_size: int = 0,
+                 budget_root: str | os.PathLike | None = None, **cache_options):
         self.dir = os.fspath(cache_dir)
         os.makedirs(self.dir, exist_ok=True)
         self.backend = backend
@@ -38,6 +44,9 @@ class CacheManager:
         self.gate = DemandGate()
         self.cost_model = FetchCostModel()
         self._options = cache_options
+        self.budget: CacheBudget | None = None
+        if max_size:
+            self.budget = acquire_budget(budget_root or self.dir, max_size)
         self._owns_backend = owns_backend
         self._lock = threading.Lock()
         self._caches: dict[str, BlobCache] = {}
@@ -68,7 +77,8 @@ class CacheManager:
             return self._same(pending.result(), info)   # the other opener's cache, or its error
         try:
             cache = BlobCache(self.dir, info, self.backend, metrics=self.metrics,
-                              gate=self.gate, cost_model=self.cost_model, **self._options)
+                              gate=self.gate, cost_model=self.cost_model, budget=self.budget,
+                              **self._options)
         except BaseException as e:
             with self._lock:
                 del self._opening[blob_id]
@@ -118,6 +128,16 @@ class CacheManager:
                 "bytes_ready", "chunks_inflight")
         totals = {k: sum(u[k] for u in blobs.values()) for k in keys}
         totals["blobs"] = len(blobs)
+        totals["evictions"] = self.metrics.snapshot()["evictions"]
+        errors = [u["write_error"] for u in blobs.values() if u.get("write_error")]
+        totals["write_error"] = errors[0] if errors else None
+        if self.budget is not None:
+            b = self.budget.snapshot()
+            totals.update({"max_size": b["max_size"], "limit_root": b["root"],
+                           "limit_root_bytes": tree_bytes(b["root"]),
+                           "evicted_bytes": b["evicted_bytes"], "not_cached_for_room": b["not_cached_for_room"]})
+        else:
+            totals["max_size"] = 0
         return {"metrics": self.metrics.snapshot(), "blobs": blobs, "totals": totals,
                 "link": self.cost_model.snapshot()}
 
@@ -137,6 +157,8 @@ class CacheManager:
             except Exception as e:          # close the others anyway
                 errors.append(e)
                 log.warning("closing %s: %s", c.name, e)
+        if self.budget is not None:
+            release_budget(self.budget)
         if self._owns_backend:
             self.backend.close()
         if errors:

@@ -45,6 +45,13 @@ from .state import chunk_xxh64
 
 log = logging.getLogger(__name__)
 
+BLOCK = 4096                       # the unit the disk use of a chunk is estimated in
+
+
+def disk_span(offset: int, size: int) -> int:
+    """Bytes of whole blocks a chunk at view offset `offset` can occupy in the sparse data file."""
+    return (-(-(offset + size) // BLOCK) - offset // BLOCK) * BLOCK if size else 0
+
 
 class Pending:
     """One in-flight operation on some chunks: a fetch batch or an xxh64 re-check.
@@ -70,7 +77,8 @@ class ChunkReader:
     def __init__(self, chunks: BlobChunks, files: CacheFiles, ready: ReadyState,
                  backend: BlobBackend, *, lock: threading.Lock, inflight: dict[int, Pending],
                  merge_size: int, max_inflight: int, readahead: bool, amplify: int | str,
-                 metrics: StorageMetrics, gate: DemandGate, cost_model: FetchCostModel):
+                 metrics: StorageMetrics, gate: DemandGate, cost_model: FetchCostModel,
+                 budget=None, tenant=None):
         self.name = files.name
         self.blob_id = files.blob_id
         self.files = files
@@ -94,6 +102,12 @@ class ChunkReader:
         self._slots = threading.BoundedSemaphore(max_inflight)
         self._pool: ThreadPoolExecutor | None = None
         self._write_failed = False
+        self.write_error: str | None = None   # why the data file could not be written (once, for stats)
+        # the size limit (`evict.CacheBudget`, None = none) and the BlobCache it evicts from; `pins`:
+        # chunk position -> reads between ensuring it and reading its bytes (never evicted meanwhile)
+        self.budget = budget
+        self.tenant = tenant
+        self.pins: dict[int, int] = {}
 
     def shutdown(self) -> None:
         """Stop the fetch pool (no read may be running)."""
@@ -115,13 +129,28 @@ class ChunkReader:
         Bytes between chunks read as zeros. Raises IntegrityError (a chunk failed
         verification) or BackendError (it could not be fetched); never wrong bytes.
         """
-        mem, hits, misses = self.ensure(self.span(offset, end), urgent=True)
-        out = self.files.pread(end - offset, offset)
-        while len(out) < end - offset:   # only for reads > 2 GiB (Linux caps one read)
-            more = self.files.pread(end - offset - len(out), offset + len(out))
-            if not more:                 # cannot happen: the file is view_size long
-                raise RafsError(f"{self.name}: cache file {self.files.data_path} is truncated")
-            out += more
+        span = self.span(offset, end)
+        pins = self.pins
+        with self._lock:                 # no eviction between making them ready and reading them
+            for i in span:
+                pins[i] = pins.get(i, 0) + 1
+        try:
+            mem, hits, misses = self.ensure(span, urgent=True)
+            out = self.files.pread(end - offset, offset)
+            while len(out) < end - offset:   # only for reads > 2 GiB (Linux caps one read)
+                more = self.files.pread(end - offset - len(out), offset + len(out))
+                if not more:                 # cannot happen: the file is view_size long
+                    raise RafsError(f"{self.name}: cache file {self.files.data_path} is truncated")
+                out += more
+        finally:
+            with self._lock:
+                for i in span:
+                    if pins[i] == 1:
+                        del pins[i]
+                    else:
+                        pins[i] -= 1
+        if self.budget is not None:
+            self.budget.touch(self.tenant, span)
         if mem or self._partial:
             buf = bytearray(out)
             for i, plain in mem.items():  # chunks that could not be written to the data file
@@ -392,20 +421,41 @@ class ChunkReader:
         raise IntegrityError(msg) from None
 
     def _store(self, i: int, e: ChunkEntry, plain: bytes) -> None:
-        """Write a verified chunk at its view offset and mark it ready (unless the write fails)."""
-        try:
-            self.files.write_at(plain, e.uncompressed_offset)
-        except OSError as err:
-            if not self._write_failed:
-                self._write_failed = True
-                log.warning("%s: cannot write chunk #%d to %s (%s); serving fetched chunks from "
-                            "memory without caching them", self.name, e.index, self.files.data_path,
-                            os.strerror(err.errno) if err.errno else err)
+        """Write a verified chunk at its view offset and mark it ready (unless the write fails, or
+        the size limit leaves no room for it: then it is served from memory, not cached)."""
+        budget = self.budget
+        if budget is None:
+            if self._write(i, e, plain):
+                self._mark(i, e, plain)
             return
+        with budget.room(disk_span(e.uncompressed_offset, e.uncompressed_size)) as ok:
+            if not ok or not self._write(i, e, plain):
+                return
+            self._mark(i, e, plain)        # within the room: an eviction never sees it half-marked
+        budget.present(self.tenant, i, disk_span(e.uncompressed_offset, e.uncompressed_size))
+
+    def _mark(self, i: int, e: ChunkEntry, plain: bytes) -> None:
         h = chunk_xxh64(plain, e.digest)
         with self._lock:
             if self.ready.state[i] != READY:
                 self.ready.mark(i, e, h)
+
+    def _write(self, i: int, e: ChunkEntry, plain: bytes) -> bool:
+        try:
+            self.files.write_at(plain, e.uncompressed_offset)
+            return True
+        except OSError as err:
+            why = os.strerror(err.errno) if err.errno else str(err)
+            if not self._write_failed:
+                self._write_failed = True
+                self.write_error = why
+                log.warning("%s: cannot write chunk #%d to %s (%s); serving fetched chunks from "
+                            "memory without caching them", self.name, e.index, self.files.data_path, why)
+            try:                           # what a partial write allocated (nothing vouches for it)
+                self.files.punch(e.uncompressed_offset, e.uncompressed_size)
+            except OSError:
+                pass
+            return False
 
     def _recheck(self, i: int, p: Pending) -> None:
         """First read of a chunk after a restart: compare its bytes with the recorded xxh64
@@ -424,13 +474,16 @@ class ChunkReader:
             if data is not None and len(data) == e.uncompressed_size \
                     and chunk_xxh64(data, e.digest) == expected:
                 with self._lock:
-                    ready.state[i] = READY
+                    if ready.state[i] != MISSING:     # (not evicted meanwhile)
+                        ready.state[i] = READY
                 return
             log.warning("%s: cached chunk #%d (view offset %d) changed on disk (%s); fetching "
                         "it again", self.name, e.index, e.uncompressed_offset, why)
             self.metrics.recheck_failure()
             with self._lock:
                 ready.forget(i, e, expected)   # a shared map may still vouch for these bytes
+            if self.budget is not None:
+                self.budget.gone(self.tenant, i)
         finally:
             with self._lock:
                 if self.inflight.get(i) is p:
