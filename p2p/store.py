@@ -154,7 +154,7 @@ class PayloadFile:
                     return None
             before = os.fstat(self._fd).st_blocks * 512
             self._evicted.add(offset)
-            from rafs.storage.cache.evict import punch_hole
+            from rafs.osutil import punch_hole
             punch_hole(self._fd, offset, length)
             return max(0, before - os.fstat(self._fd).st_blocks * 512)
 

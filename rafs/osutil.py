@@ -111,6 +111,53 @@ def atomic_write(path, data: bytes | bytearray | memoryview | str, *, mode: int 
             view = view[f.write(view):]
 
 
+# --------------------------------------------------------------------------- disk use, holes
+
+def tree_usage(root: str | os.PathLike, *, size_without_blocks: bool = False) -> tuple[int, int]:
+    """(bytes, inodes) of the tree at `root` as `du -x` counts them: st_blocks * 512, hard links once, never
+    crossing into another filesystem. `size_without_blocks`: a file whose filesystem reports no blocks
+    counts its size instead (what containerd's Usage does)."""
+    size = inodes = 0
+    seen: set[int] = set()
+    try:
+        dev = os.lstat(root).st_dev
+    except OSError:
+        return 0, 0
+    stack = [os.fspath(root)]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_dev != dev or st.st_ino in seen:
+                    continue
+                seen.add(st.st_ino)
+                inodes += 1
+                size += st.st_blocks * 512 if st.st_blocks or not size_without_blocks else st.st_size
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+    return size, inodes
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the bytes [offset, offset+length) of a file (they then read as zeros), keeping its size."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 # --------------------------------------------------------------------------- mount(2), umount2(2)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -118,6 +165,8 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.mount.restype = ctypes.c_int
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
 
 
 def _arg(v) -> bytes | None:

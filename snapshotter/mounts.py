@@ -134,36 +134,7 @@ def remove_dir(path: Path) -> None:
 
 def dir_usage(path: Path) -> tuple[int, int]:
     """(bytes, inodes) of a directory tree, hard links counted once; never crosses mounts."""
-    size = inodes = 0
-    seen: set[tuple[int, int]] = set()
-    try:
-        dev = os.lstat(path).st_dev
-    except FileNotFoundError:
-        return 0, 0
-    stack = [str(path)]
-    while stack:
-        d = stack.pop()
-        try:
-            it = os.scandir(d)
-        except OSError:
-            continue
-        with it:
-            for e in it:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if st.st_dev != dev:
-                    continue
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-                inodes += 1
-                size += st.st_blocks * 512 if st.st_blocks else st.st_size
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-    return size, inodes
+    return osutil.tree_usage(path, size_without_blocks=True)
 
 
 # -- mount builders -----------------------------------------------------------------------

@@ -30,8 +30,6 @@ LRU: a process-wide ordered dict of (tenant, key) -> bytes; a read hit moves a c
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import json
@@ -43,6 +41,8 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator, Protocol
+
+from rafs.osutil import tree_usage
 
 log = logging.getLogger(__name__)
 
@@ -68,52 +68,9 @@ def parse_size(text) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-# --------------------------------------------------------------------------- punching holes
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_fallocate.restype = ctypes.c_int
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Free the bytes [offset, offset+length) of a file (they read as zeros), keeping its size."""
-    if length <= 0:
-        return
-    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
 def tree_bytes(root: str) -> int:
-    """What the files under `root` really occupy (st_blocks * 512), hard links once, one filesystem."""
-    total = 0
-    seen: set[int] = set()
-    try:
-        dev = os.lstat(root).st_dev
-    except OSError:
-        return 0
-    stack = [root]
-    while stack:
-        try:
-            it = os.scandir(stack.pop())
-        except OSError:
-            continue
-        with it:
-            for e in it:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if st.st_dev != dev or st.st_ino in seen:
-                    continue
-                seen.add(st.st_ino)
-                total += st.st_blocks * 512
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-    return total
+    """What the files under `root` really occupy on disk (one filesystem, hard links once)."""
+    return tree_usage(root)[0]
 
 
 # --------------------------------------------------------------------------- the budget

@@ -188,7 +188,7 @@ class CacheFiles:
 
     def punch(self, offset: int, length: int) -> None:
         """Free [offset, offset+length) of the data file (it reads as zeros; the size stays)."""
-        from .evict import punch_hole
+        from rafs.osutil import punch_hole
         punch_hole(self._fd, offset, length)
 
     def sync(self) -> None:
