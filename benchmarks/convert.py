@@ -2,7 +2,8 @@
 
     python -m benchmarks.convert                       # the sample image (testbed.sample)
     python -m benchmarks.convert --source oci:DIR:TAG  # or HOST/REPO:TAG (--plain-http)
-    python -m benchmarks.convert --profile out.prof    # + cProfile of one conversion
+    python -m benchmarks.convert --profile out.prof    # + cProfile of one conversion (this process only:
+                                                       #   layers are read by worker processes)
 
 Reports, for one platform's manifest:
 
@@ -11,7 +12,7 @@ Reports, for one platform's manifest:
 * the baseline on the same layer files: per layer, sequentially,
   `gzip -dc LAYER | zstd -3 >/dev/null` (`zstd -dc` / `cat` for zstd / plain
   layers) -- decompressing and recompressing every byte once is the least any
-  converter must do -- and the ratio convert / baseline (goal: <= 1.5);
+  converter must do -- and the ratio convert / baseline (goal: <= 1.2, GOAL_RATIO);
 * the dedup ratio (chunk bytes referenced / stored once) and converted vs source sizes.
 
 Registry sources are downloaded once for the baseline; their conversion times
@@ -46,6 +47,7 @@ from rafs.image.store import OciLayoutStore, open_store
 from .prereq import require
 
 MB = 1e6
+GOAL_RATIO = 1.2            # issue 15: conversion within 1.2x of `gzip -dc | zstd -3` on every image
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Result:
     plain_bytes: int
     convert_s: list[float]
     baseline_s: list[float]
-    convert_cpu_s: list[float]      # user + sys of this process (all its threads)
+    convert_cpu_s: list[float]      # user + sys of this process (all its threads) and its worker processes
     baseline_cpu_s: list[float]     # user + sys of the gzip/zstd processes
     converted_bytes: int
     blob_bytes: int
@@ -99,7 +101,8 @@ class Result:
             f"(median {med(self.convert_s):.2f} s of {len(self.convert_s)})",
             f"baseline      best {self.baseline_best:.2f} s = {mbs(self.baseline_best):.1f} MB/s plain "
             f"(gzip -dc | zstd -3 per layer; median {med(self.baseline_s):.2f} s)",
-            f"ratio         convert / baseline = {self.ratio:.2f}x (goal <= 1.5x); CPU time "
+            f"ratio         convert / baseline = {self.ratio:.2f}x (goal <= {GOAL_RATIO}x: "
+            f"{'met' if self.ratio <= GOAL_RATIO else 'MISSED'}); CPU time "
             f"{min(self.convert_cpu_s):.2f} s vs {min(self.baseline_cpu_s):.2f} s = "
             f"{min(self.convert_cpu_s) / min(self.baseline_cpu_s):.2f}x",
             f"dedup         ratio {self.dedup_ratio} (chunk bytes referenced / stored once)",
@@ -107,7 +110,7 @@ class Result:
             f" ({self.chunks} chunks) + bootstrap layer {self.bootstrap_bytes / MB:.2f} MB; "
             f"source {self.source_bytes / MB:.1f} MB ({self.converted_bytes / self.source_bytes:.2f}x)",
             f"settings      chunk size {self.chunk_size}, compressor {self.compressor}, "
-            f"{os.cpu_count()} CPUs",
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
         ])
 
 
@@ -186,13 +189,15 @@ def convert_once(source: str, opts: ConvertOptions, workdir: str,
     target_dir = tempfile.mkdtemp(prefix="target-", dir=workdir)
     target = f"oci:{target_dir}:bench"
     prof = cProfile.Profile() if profile else None
-    cpu, start = _cpu(resource.RUSAGE_SELF), time.perf_counter()
+    # CPU of this process and of the worker processes it reaped (layers convert in processes)
+    cpu, start = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
     if prof:
         prof.enable()
     convert(source, target, opts)
     if prof:
         prof.disable()
-    elapsed, cpu = time.perf_counter() - start, _cpu(resource.RUSAGE_SELF) - cpu
+    elapsed = time.perf_counter() - start
+    cpu = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) - cpu
     if prof:
         prof.dump_stats(profile)
     return elapsed, cpu, target_dir
@@ -261,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                  compressor=args.compressor, repeat=max(1, args.repeat), profile=args.profile,
                  workdir=args.workdir)
     if args.json:
-        print(json.dumps({**asdict(result), "ratio": round(result.ratio, 3),
+        print(json.dumps({**asdict(result), "ratio": round(result.ratio, 3), "goal_ratio": GOAL_RATIO,
+                          "goal_met": result.ratio <= GOAL_RATIO,
                           "convert_mb_s": round(result.plain_bytes / MB / result.convert_best, 1),
                           "baseline_mb_s": round(result.plain_bytes / MB / result.baseline_best, 1)}, indent=2))
     else:

@@ -128,12 +128,17 @@ class NydusSnapshotter(tb.SnapshotterProcess):
     cache, start again.
     """
 
-    def __init__(self, fsmode: str, base: str | os.PathLike, socket: str):
-        super().__init__(base, config={"daemon": {"mode": fsmode, "prefetch": False},
+    def __init__(self, fsmode: str, base: str | os.PathLike, socket: str, *, learn: str = "off"):
+        # learn (rafs.learned, `[daemon] learn`): "off" for every mode but erofs+learned, whose own
+        # snapshotter has "use" -- a record published by one mode must not prefetch for another
+        suffix = "" if learn == "off" else f"-learn{learn}"
+        super().__init__(base, config={"daemon": {"mode": fsmode, "prefetch": False, "learn": learn},
                                        "backend": {"plain_http": True}},
-                         log_level="info", address=socket, log_path=Path(base).parent / f"snapshotter-{fsmode}.log")
+                         log_level="info", address=socket,
+                         log_path=Path(base).parent / f"snapshotter-{fsmode}{suffix}.log")
         self.fsmode = fsmode
-        self.name = f"{SNAPSHOTTER}-{fsmode}"
+        self.learn = learn
+        self.name = f"{SNAPSHOTTER}-{fsmode}{suffix}"
 
     def start(self, cleanup: Cleanup | None = None, netns: str | None = None,
               timeout: float = 30) -> "NydusSnapshotter":
@@ -204,3 +209,16 @@ class NydusSnapshotter(tb.SnapshotterProcess):
         except ValueError:
             return {"error": (r.stderr or r.stdout)[-300:]}
         return {"images": st.get("images"), "mounts": st.get("mounts")}
+
+    def daemon_stats(self, key: str) -> dict | None:
+        """The full stats of the mount daemon serving lazy mount `key` (its API), which `status`
+        trims (e.g. `learned`, `prefetch_bytes`); None when it is not running."""
+        from snapshotter.config import load_config
+        from snapshotter.lazy import RafsMounts
+        from snapshotter.mounts import Layout
+        try:
+            lazy = RafsMounts(load_config(str(self.config_path), root=str(self.root)))
+            lazy.layout = Layout(str(self.root))
+            return lazy.stats(key)
+        except Exception as e:  # noqa: BLE001 - stats are a report's detail, never a failed run
+            return {"error": f"{type(e).__name__}: {e}"[-300:]}

@@ -30,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,6 +77,9 @@ def parse_args(argv):
     p.add_argument("--extra-image", action="append", default=[], metavar="NAME=oci:DIR[:TAG]",
                    help="an image from an existing OCI layout instead of a Debian build (tests use busybox)")
     p.add_argument("--no-chunk-dict", action="store_true", help="skip the --chunk-dict conversions")
+    p.add_argument("--convert-repeat", type=int, default=1, metavar="N",
+                   help="the conversion goal per image (benchmarks.convert: convert() to a local layout vs "
+                        "gzip -dc | zstd -3), best of N alternating runs (default 1; 0: not measured)")
     p.add_argument("--reconvert", action="store_true", help="convert again even if cached")
     p.add_argument("--rerecord", action="store_true", help="record the workloads' read sets again")
     p.add_argument("--timeout", type=float, default=600.0, help="per pull / run step")
@@ -248,6 +252,7 @@ class Suite:
                     done_cd[image] = f"{reg.host}/{REPO}/{image}:nydus"
                 entry["_cd_record"] = cd
             entry["_plain_record"] = plain
+            entry["baseline"] = self._conversion_baseline(image)
             self.meta["conversions"][image] = entry
         self.meta["conversions"] = {i: self.meta["conversions"][i] for i in self.images}
         self.meta["dedup_across"] = _dedup_across(self.meta["conversions"])
@@ -255,6 +260,37 @@ class Suite:
             e.pop("_cd_record", None)
             e.pop("_plain_record", None)
         self.converter = conv
+
+    def _conversion_baseline(self, image: str) -> dict | None:
+        """The issue's conversion goal, measured as `python -m benchmarks.convert --source oci:LAYOUT:TAG`
+        does (benchmarks.convert.run, read-only use): converter.convert() of the image's OCI layout into
+        a fresh local layout vs `gzip -dc LAYER | zstd -3 >/dev/null` per source layer, alternating,
+        best of --convert-repeat.  (The conversion table's `convert s` is the registry -> registry CLI,
+        pull and push included: not the goal's measure.)  None with --convert-repeat 0; an error entry
+        when it cannot be measured here."""
+        repeat = self.args.convert_repeat
+        if repeat <= 0:
+            return None
+        try:
+            from .convert import run as convert_bench
+        except ImportError as e:
+            return {"error": f"benchmarks.convert has no run(): {e}"}
+        if image in self.extra:
+            lay, tag = _oci_split(self.extra[image])
+        else:
+            lay, tag = str(self.builder.layout.path), image
+        tmp = tempfile.mkdtemp(prefix="convbench-", dir=self.workdir)
+        try:
+            r = convert_bench(f"oci:{lay}:{tag}", repeat=repeat, workdir=tmp)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the table says it was not measured, and why
+            log.warning("conversion baseline of %s: %s", image, e)
+            return {"error": f"{type(e).__name__}: {e}"[-300:]}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return {"seconds": round(r.baseline_best, 2), "convert_s": round(r.convert_best, 2),
+                "cpu_s": round(min(r.baseline_cpu_s), 2), "convert_cpu_s": round(min(r.convert_cpu_s), 2),
+                "plain_bytes": r.plain_bytes, "layers": r.layers, "repeat": repeat,
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def _source_stats(self, image: str) -> dict:
         if image in self.extra:
@@ -331,6 +367,10 @@ class Suite:
             reg.access_log_path.unlink(missing_ok=True)       # counted per run from marks; start small
             reg.start()
             cleanup.push(reg.stop, "stop registry")
+            # read the access log through the registry's own stdout: another process starting a
+            # registry on the same --workdir removes WORKDIR/registry/access.log (as this one did above),
+            # and the per-run registry bytes would silently read 0
+            reg.access_log_path = Path(f"/proc/{reg.proc.pid}/fd/1")
             self.build_and_push(reg)
             fast = LoopExt4(self.workdir / "fast.img", self.workdir / "fast", size=self.args.fast_size).create(cleanup)
             self.convert_all(reg)
@@ -343,8 +383,16 @@ class Suite:
                 if want_snap:
                     for fsmode in (["erofs", "fuse"] if erofs_file_backed_supported() else ["fuse"]):
                         snaps[fsmode] = NydusSnapshotter(fsmode, fast / "snap" / fsmode, str(rr / f"snap-{fsmode}.sock"))
+                    if erofs_file_backed_supported() and "erofs+learned" in self.modes:
+                        # a third snapshotter (proxy plugin nydus-erofs-learnuse) with [daemon] learn = "use":
+                        # the learn option is per snapshotter config, and the erofs one must stay "off" to
+                        # keep measuring erofs mode (restarting it per mode would cost containerd's proxy
+                        # reconnect backoff every run and mix the modes' nodes)
+                        snaps["erofs+learned"] = NydusSnapshotter("erofs", fast / "snap" / "erofs-learned",
+                                                                  str(rr / "snap-erofs-learned.sock"), learn="use")
+                    for sn in snaps.values():
                         # up before containerd: a proxy it cannot dial puts its gRPC connection into backoff
-                        snaps[fsmode].start(cleanup)
+                        sn.start(cleanup)
                 ctd = Containerd(fast / "ctd" / "root",
                                  snapshotters={s.name: s.address for s in snaps.values()}).start(cleanup)
                 if want_snap:
@@ -431,7 +479,7 @@ def _conv_summary(rec: dict) -> dict:
     blobs = s.get("blobs") or []
     boot = sum(l["size"] for l in s.get("layers") or [] if l.get("kind") == "bootstrap")
     blob_bytes = sum(b["compressed_size"] for b in blobs)
-    return {"seconds": rec.get("seconds"), "digest": rec.get("digest"), "blob_bytes": blob_bytes,
+    return {"seconds": rec.get("seconds"), "when": rec.get("when"), "digest": rec.get("digest"), "blob_bytes": blob_bytes,
             "bootstrap_bytes": boot, "converted_bytes": blob_bytes + boot,
             "dedup_ratio": (s.get("dedup") or {}).get("ratio"), "blobs": [b["id"] for b in blobs],
             "blob_sizes": {b["id"]: b["compressed_size"] for b in blobs}}

@@ -5,8 +5,16 @@
     erofs            pynydus erofs mode: kernel EROFS over the FUSE blob files
     fuse+prefetch    fuse with the image converted with the workload's prefetch list
     erofs+prefetch   erofs with the image converted with the workload's prefetch list
+    erofs+learned    erofs on a node after one earlier run anywhere in the cluster: the image's learned
+                     prefetch record (rafs.learned) reset, one untimed run on another node (the host,
+                     unshaped, `--learn auto`) publishes it to the registry at unmount, then the timed
+                     cold start as in erofs mode with `--learn use` (the snapshotter runner: its own
+                     snapshotter `nydus-erofs-learnuse`, `[daemon] learn = "use"`)
     warm             erofs mode with a blob cache filled by an earlier run of the same workload
     p2p              a second node, cold, fetching from a warm peer (needs the p2p backend in the mount daemon)
+
+Learned prefetch is off (`--learn off`, `[daemon] learn = "off"`) in every mode but erofs+learned:
+a record one mode published would otherwise prefetch for the next.
 
 Every cold mode starts from a cold node: containerd has no image, content or
 snapshot (asserted); the blob cache and the daemon's state dir are new and
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -45,13 +54,13 @@ from testbed.process import free_port, run
 
 from .ctd import Containerd
 from .netshape import ShapedLink
-from .prepare import chroot_env, daemon_stats, mount_lazy, run_chrooted
+from .prepare import chroot_env, daemon_stats, learned_reset, mount_lazy, nydusify, run_chrooted
 from .sysutil import Cleanup, load_average, run_root, umount_all_below
 from .workloads import Workload, wait_http
 
 log = logging.getLogger("benchmarks.modes")
 
-MODES = ["overlayfs", "fuse", "erofs", "fuse+prefetch", "erofs+prefetch", "warm", "p2p"]
+MODES = ["overlayfs", "fuse", "erofs", "fuse+prefetch", "erofs+prefetch", "erofs+learned", "warm", "p2p"]
 LAZY_MODES = {"fuse": ("fuse", False), "erofs": ("erofs", False),
               "fuse+prefetch": ("fuse", True), "erofs+prefetch": ("erofs", True)}
 
@@ -167,8 +176,30 @@ def run_on_rootfs(b: Bench, wl: Workload, rootfs: Path, env: list[str]) -> dict:
     return ctr_run(b, wl, rootfs=rootfs, env=env)
 
 
-def _registry_delta(b: Bench, mark: int) -> dict:
-    entries = b.registry.access_log(mark)
+def _log_id(b: Bench) -> tuple | None:
+    try:
+        st = os.stat(b.registry.access_log_path)
+        return st.st_dev, st.st_ino
+    except OSError:
+        return None
+
+
+def _mark(b: Bench) -> tuple[int, tuple | None]:
+    """Where the registry's access log is now: its entry count and which file it is."""
+    return b.registry.mark(), _log_id(b)
+
+
+def _registry_delta(b: Bench, mark: tuple[int, tuple | None]) -> dict:
+    """Bytes and requests the registry served since `mark` (its access log). If the log file was
+    replaced or truncated meanwhile (another process started a registry on the same work dir: the
+    suite's start removes the log), the counts are unknown (None), never a wrong 0."""
+    n, ident = mark
+    entries = b.registry.access_log()
+    if _log_id(b) != ident or len(entries) < n:
+        log.warning("the registry's access log was replaced during the run: registry bytes unknown")
+        return {"fetched_bytes": None, "requests": None, "blob_requests": None, "blob_bytes": None,
+                "registry_log": "replaced during the run (another process on the same --workdir?)"}
+    entries = entries[n:]
     blobs = [e for e in entries if e.is_blob_get]
     return {"fetched_bytes": sum(e.bytes for e in entries), "requests": len(entries),
             "blob_requests": len(blobs), "blob_bytes": sum(e.bytes for e in blobs)}
@@ -193,7 +224,7 @@ def run_overlayfs(b: Bench, wl: Workload, repeat: int) -> dict:
     b.ctd.remove_all()
     b.ctd.assert_cold()
     os.sync()
-    mark = b.registry.mark()
+    mark = _mark(b)
     t0 = time.monotonic()
     b.ctd.ctr("images", "pull", "--plain-http", ref, netns=b.link.netns, timeout=b.timeout)
     t1 = time.monotonic()
@@ -209,7 +240,8 @@ def run_overlayfs(b: Bench, wl: Workload, repeat: int) -> dict:
 
 # --------------------------------------------------------------------------- (b)-(d) lazy
 
-def _lazy_once(b: Bench, wl: Workload, *, ref: str, mode: str, cache_dir: Path, name: str) -> dict:
+def _lazy_once(b: Bench, wl: Workload, *, ref: str, mode: str, cache_dir: Path, name: str,
+               learn: str = "off") -> dict:
     """Mount `ref` lazily, run the workload, read the daemon's stats, unmount. Timed."""
     base = b.fresh_dir(name)
     inner = Cleanup()
@@ -217,7 +249,7 @@ def _lazy_once(b: Bench, wl: Workload, *, ref: str, mode: str, cache_dir: Path, 
         t0 = time.monotonic()
         run_dir = run_root() / "d" / name
         m = mount_lazy(ref, base, mode=mode, cache_dir=cache_dir, run_dir=run_dir, cleanup=inner,
-                       netns=b.link.netns)
+                       netns=b.link.netns, learn=learn)
         t1 = time.monotonic()
         res = run_on_rootfs(b, wl, m.merged, chroot_env(b.configs[wl.image]))
         total = res["ready_at"] - t0          # a server's teardown is not part of it
@@ -232,8 +264,8 @@ def _lazy_once(b: Bench, wl: Workload, *, ref: str, mode: str, cache_dir: Path, 
 
 def _trim_stats(st: dict) -> dict:
     keys = ("mode", "mode_reason", "bytes_fetched", "backend_bytes", "requests", "bytes_read", "chunks_hit",
-            "chunks_missed", "chunks_fetched", "prefetch", "prefetch_bytes", "prefetch_files", "fetch_latency_ms",
-            "verify_failures", "request_errors", "error")
+            "chunks_missed", "chunks_fetched", "prefetch", "prefetch_bytes", "prefetch_requests", "prefetch_files",
+            "fetch_latency_ms", "verify_failures", "request_errors", "learned", "error")
     out = {k: st[k] for k in keys if k in st}
     if "cache" in st:
         out["cache_disk_bytes"] = st["cache"].get("disk_bytes")
@@ -255,7 +287,7 @@ def lazy_mode(mode_name: str):
         if b.runner == "snapshotter":
             return _via_snapshotter(b, wl, row, fsmode, variant)
         cache = b.fast / "cache" / b.next_id("cache")
-        mark = b.registry.mark()
+        mark = _mark(b)
         try:
             res = _lazy_once(b, wl, ref=b.ref(wl.image, variant), mode=fsmode, cache_dir=cache,
                              name=b.next_id(mode_name.replace("+", "-")))
@@ -267,25 +299,33 @@ def lazy_mode(mode_name: str):
     return run_mode
 
 
-def _via_snapshotter(b: Bench, wl: Workload, row: dict, fsmode: str, variant: str) -> dict:
-    snap = b.snapshotters.get(fsmode)
+def _via_snapshotter(b: Bench, wl: Workload, row: dict, fsmode: str, variant: str, snap_key: str | None = None) -> dict:
+    snap = b.snapshotters.get(snap_key or fsmode)
     if snap is None:
-        raise Skip(f"no nydus snapshotter for {fsmode} mode")
+        raise Skip(f"no nydus snapshotter for {snap_key or fsmode}")
     ref = b.ref(wl.image, variant)
     b.ctd.remove_all()
     how = snap.reset(b.link.netns, b.ctd)
     b.ctd.assert_cold(snap.name)
     os.sync()
-    mark = b.registry.mark()
+    mark = _mark(b)
     t0 = time.monotonic()
     snap.rpull(b.ctd, ref, timeout=b.timeout)
     t1 = time.monotonic()
     res = ctr_run(b, wl, image_ref=ref, snapshotter=snap.name)
     total = res["ready_at"] - t0          # a server's teardown is not part of it
     row.update(_registry_delta(b, mark))
-    stats = trim_snapshotter_status(snap.stats(), ref)
+    raw = snap.stats()
+    stats = trim_snapshotter_status(raw, ref)
+    daemon = _snapshotter_daemon_stats(stats)
+    if getattr(snap, "learn", "off") != "off":         # what `status` trims: the daemon's own stats
+        for m in raw.get("mounts") or []:
+            if m.get("image") == ref and m.get("key"):
+                full = snap.daemon_stats(m["key"]) or {}
+                daemon.update({k: full[k] for k in ("prefetch", "prefetch_bytes", "prefetch_requests", "learned",
+                                                     "error") if k in full})
     row.update({"runner": "snapshotter", "pull_s": t1 - t0, "create_s": res["create_s"], "ready_s": res["ready_s"],
-                "total_s": total, "output": res["output"], "daemon": _snapshotter_daemon_stats(stats),
+                "total_s": total, "output": res["output"], "daemon": daemon,
                 "snapshotter": stats, "cold_by": how})
     again = ctr_run(b, wl, image_ref=ref, snapshotter=snap.name)
     row["rerun_s"] = again["ready_s"]
@@ -316,6 +356,71 @@ def _snapshotter_daemon_stats(st: dict) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- erofs+learned
+
+def learned_summary(ref: str) -> dict:
+    """`nydusify learned show REF --json`: the record next to the image (chunks, bytes, runs)."""
+    r = nydusify("learned", "show", ref, "--plain-http", "--json", check=False, timeout=120)
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        return {"error": (r.stderr or r.stdout).strip()[-300:]}
+
+
+def prime_learned(b: Bench, wl: Workload, ref: str, fsmode: str) -> dict:
+    """"One earlier run anywhere in the cluster": the image's record reset, then a mount on the host
+    (unshaped, fresh cache, `--learn auto`) runs the workload once and publishes what it read to the
+    registry at unmount.  Not timed; returns the published record's summary."""
+    learned_reset(ref)
+    name = b.next_id("learnprime")
+    cache = b.fast / "cache" / name
+    inner = Cleanup()
+    try:
+        m = mount_lazy(ref, b.fresh_dir(name), mode=fsmode, cache_dir=cache, run_dir=run_root() / "d" / name,
+                       cleanup=inner, learn="auto")
+        run_on_rootfs(b, wl, m.merged, chroot_env(b.configs[wl.image]))
+    finally:
+        inner.close()                                   # unmount: the daemon publishes its record
+        shutil.rmtree(run_root() / "d" / name, ignore_errors=True)
+        shutil.rmtree(b.fast / "runs" / name, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    rec = learned_summary(ref)
+    if not rec.get("chunks") or not rec.get("runs"):
+        raise RuntimeError(f"the priming run published no learned record for {ref}: {rec}")
+    return {k: rec.get(k) for k in ("chunks", "bytes", "files", "runs", "tag") if k in rec}
+
+
+def run_learned(b: Bench, wl: Workload, repeat: int) -> dict:
+    if not b.erofs_ok:
+        raise Skip("kernel without file-backed EROFS mounts")
+    if (wl.image, "nydus") not in b.tags:
+        raise Skip(f"no conversion of {wl.image}")
+    if b.runner == "snapshotter" and "erofs+learned" not in b.snapshotters:
+        raise Skip("no nydus snapshotter with [daemon] learn = \"use\"")
+    row = _base_row(b, wl, "erofs+learned", repeat)
+    row["learned_prime"] = prime_learned(b, wl, f"{b.registry.host}/{b.tags[(wl.image, 'nydus')]}", "erofs")
+    if b.runner == "snapshotter":
+        _via_snapshotter(b, wl, row, "erofs", "nydus", snap_key="erofs+learned")
+    else:
+        cache = b.fast / "cache" / b.next_id("cache")
+        mark = _mark(b)
+        try:
+            res = _lazy_once(b, wl, ref=b.ref(wl.image, "nydus"), mode="erofs", cache_dir=cache,
+                             name=b.next_id("erofs-learned"), learn="use")
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        row.update(_registry_delta(b, mark))
+        row.update({"runner": b.runner, **res})
+    d = row.get("daemon") or {}
+    learned = d.get("learned") or {}
+    row["learned"] = {"source": learned.get("source"), "record": learned.get("record"),
+                      "prefetch": d.get("prefetch"), "prefetch_bytes": d.get("prefetch_bytes"),
+                      "prefetch_requests": d.get("prefetch_requests")}
+    if not learned.get("record"):
+        raise RuntimeError(f"the timed start used no learned record: daemon stats {d}")
+    return row
+
+
 # --------------------------------------------------------------------------- (e) warm
 
 def run_warm(b: Bench, wl: Workload, repeat: int) -> dict:
@@ -327,7 +432,7 @@ def run_warm(b: Bench, wl: Workload, repeat: int) -> dict:
     ref = b.ref(wl.image, "nydus")
     try:
         _lazy_once(b, wl, ref=ref, mode=fsmode, cache_dir=cache, name=b.next_id("prime"))
-        mark = b.registry.mark()
+        mark = _mark(b)
         res = _lazy_once(b, wl, ref=ref, mode=fsmode, cache_dir=cache, name=b.next_id("warm"))
         row.update(_registry_delta(b, mark))
     finally:
@@ -373,7 +478,7 @@ def run_p2p(b: Bench, wl: Workload, repeat: int) -> dict:
                        mode=fsmode, cache_dir=caches["peerA"], run_dir=run_root() / "d" / names["peerA"],
                        cleanup=inner, extra=["--p2p-listen", peer])
         run_on_rootfs(b, wl, a.merged, env)                       # A is warm now
-        mark = b.registry.mark()
+        mark = _mark(b)
         t0 = time.monotonic()
         m = mount_lazy(b.ref(wl.image, "nydus"), b.fresh_dir(names["nodeB"]), mode=fsmode,
                        cache_dir=caches["nodeB"], run_dir=run_root() / "d" / names["nodeB"], cleanup=inner,
@@ -400,7 +505,7 @@ def run_p2p(b: Bench, wl: Workload, repeat: int) -> dict:
 
 RUNNERS = {"overlayfs": run_overlayfs, "fuse": lazy_mode("fuse"), "erofs": lazy_mode("erofs"),
            "fuse+prefetch": lazy_mode("fuse+prefetch"), "erofs+prefetch": lazy_mode("erofs+prefetch"),
-           "warm": run_warm, "p2p": run_p2p}
+           "erofs+learned": run_learned, "warm": run_warm, "p2p": run_p2p}
 
 
 def run_mode(b: Bench, mode: str, wl: Workload, repeat: int) -> dict:

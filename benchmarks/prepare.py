@@ -135,8 +135,14 @@ class MountedImage:
 
 
 def mount_lazy(ref: str, base: Path, *, mode: str, cache_dir: Path, run_dir: Path, cleanup: Cleanup,
-               netns: str | None = None, overlay: bool = True, extra: list[str] = ()) -> MountedImage:
-    """`nydusify mount --daemon` + an overlay with upper/work under `base`; undo registered with `cleanup`."""
+               netns: str | None = None, overlay: bool = True, extra: list[str] = (),
+               learn: str = "off") -> MountedImage:
+    """`nydusify mount --daemon` + an overlay with upper/work under `base`; undo registered with `cleanup`.
+
+    `learn` is the mount's learned prefetch (`--learn`, rafs.learned): off unless a mode asks for it,
+    so no mode publishes a record another mode (or a later run of the same mode) would prefetch by:
+    only `erofs+learned` measures learned prefetch.
+    """
     mnt, upper, work, merged = (base / n for n in ("lower", "upper", "work", "rootfs"))
     for d in (mnt, upper, work, merged, cache_dir, run_dir):
         d.mkdir(parents=True, exist_ok=True)
@@ -147,12 +153,19 @@ def mount_lazy(ref: str, base: Path, *, mode: str, cache_dir: Path, run_dir: Pat
         umount(mnt)
     cleanup.push(stop_daemon, f"nydusify umount {mnt}")
     nydusify("mount", ref, str(mnt), "--mode", mode, "--cache-dir", str(cache_dir), "--plain-http", "--daemon",
-             "--pid-file", str(pid_file), "--run-dir", str(run_dir), *extra, netns=netns, timeout=300)
+             "--pid-file", str(pid_file), "--run-dir", str(run_dir), "--learn", learn, *extra, netns=netns,
+             timeout=300)
     pid = int(pid_file.read_text().strip()) if pid_file.exists() else None
     if overlay:
         mount("overlay", "overlay", merged, f"lowerdir={mnt},upperdir={upper},workdir={work}")
         cleanup.push(lambda: umount(merged), f"umount {merged}")
     return MountedImage(mnt, merged if overlay else mnt, pid, run_dir)
+
+
+def learned_reset(ref: str) -> None:
+    """`nydusify learned reset REF`: an empty learned-prefetch record next to the image, so the next
+    `--learn auto` start learns afresh (and a `--learn use` start before it prefetches nothing)."""
+    nydusify("learned", "reset", ref, "--plain-http", timeout=120)
 
 
 def daemon_stats(m: MountedImage) -> dict:

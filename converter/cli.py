@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -102,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from .mount_cli import add_parsers
     add_parsers(sub, common, add_blob_dir)
+    from .learned_cli import add_parser as add_learned
+    add_learned(sub, common)
     return p
 
 
@@ -184,6 +187,9 @@ def _inspect(args) -> int:
     with open_nydus_image(args.ref, plain_http=args.plain_http, platform=args.platform,
                           blob_dir=args.blob_dir, hosts_dir=args.hosts_dir or None) as image:
         summary = summarize(image)
+    if not os.path.exists(args.ref):                 # the learned prefetch record next to the image
+        from .learned_cli import learned_summary
+        summary["learned"] = learned_summary(args)
     print(json.dumps(summary, indent=2) if args.json else render(summary))
     return 0
 
@@ -200,6 +206,11 @@ def _export(args) -> int:
     return 0
 
 
+def _learned(args) -> int:
+    from .learned_cli import run
+    return run(args)
+
+
 def _mount_commands(name: str):
     def run(args) -> int:
         from .mount_cli import COMMANDS
@@ -207,7 +218,7 @@ def _mount_commands(name: str):
     return run
 
 
-_COMMANDS = {"convert": _convert, "check": _check, "inspect": _inspect, "export": _export,
+_COMMANDS = {"convert": _convert, "check": _check, "inspect": _inspect, "export": _export, "learned": _learned,
              **{name: _mount_commands(name) for name in ("mount", "umount", "stats", "upgrade")}}
 
 if __name__ == "__main__":

@@ -36,9 +36,10 @@ from rafs.image.platform import Platform
 from rafs.image.store import Descriptor, ImageStore, open_store
 
 from .chunkdict import load_chunk_dict
-from .layer import LayerReader, LayerTree, buffered
+from .layer import LayerTree
+from .layerproc import LayerWorker
 from .merge import merge_layers
-from .pack import ChunkDict, ChunkStage, PackedBlob, pack_blobs, resolve_chunks
+from .pack import ChunkDict, PackedBlob, StagedLayer, pack_blobs, resolve_chunks
 from .prefetch import as_patterns, expand_prefetch, prefetch_digests
 from .progress import Progress
 
@@ -56,7 +57,7 @@ class ConvertOptions:
     source_insecure: bool = False        # skip TLS verification (and allow plain HTTP) per side
     target_insecure: bool = False
     chunk_dict_insecure: bool = False
-    workers: int = max(2, os.cpu_count() or 2)
+    workers: int = max(2, os.cpu_count() or 2)     # layers converted at once (each by two processes)
     progress: bool = False
 
 
@@ -82,8 +83,7 @@ def convert(source: str, target: str, opts: ConvertOptions) -> list[ConvertedMan
                     insecure=opts.source_insecure) as src, \
             open_store(target, plain_http=opts.plain_http, create=True, hosts_dir=opts.hosts_dir,
                        insecure=opts.target_insecure) as dst, \
-            tempfile.TemporaryDirectory(prefix="nydusify-") as workdir, \
-            ThreadPoolExecutor(opts.workers, thread_name_prefix="chunk") as pool:
+            tempfile.TemporaryDirectory(prefix="nydusify-") as workdir:
         chunk_dict = load_chunk_dict(opts.chunk_dict, dst, opts.plain_http, digester=opts.digester,
                                      chunk_size=opts.chunk_size, hosts_dir=opts.hosts_dir,
                                      insecure=opts.chunk_dict_insecure) if opts.chunk_dict else None
@@ -95,7 +95,7 @@ def convert(source: str, target: str, opts: ConvertOptions) -> list[ConvertedMan
         for platform, desc in entries:
             sub = os.path.join(workdir, str(len(results)))
             os.mkdir(sub)
-            results.append(_convert_manifest(src, dst, desc, platform, opts, chunk_dict, sub, pool))
+            results.append(_convert_manifest(src, dst, desc, platform, opts, chunk_dict, sub))
         if top.media_type in media.INDEX_TYPES and opts.platform is None:
             index = {
                 "schemaVersion": 2,
@@ -112,8 +112,7 @@ def convert(source: str, target: str, opts: ConvertOptions) -> list[ConvertedMan
 
 
 def _convert_manifest(src: ImageStore, dst: ImageStore, desc: Descriptor, platform: Platform | None,
-                      opts: ConvertOptions, chunk_dict: ChunkDict | None, workdir: str,
-                      pool: ThreadPoolExecutor) -> ConvertedManifest:
+                      opts: ConvertOptions, chunk_dict: ChunkDict | None, workdir: str) -> ConvertedManifest:
     manifest = json.loads(src.get_bytes(desc.digest))
     config = json.loads(src.get_bytes(manifest["config"]["digest"]))
     layers = manifest["layers"]
@@ -124,21 +123,25 @@ def _convert_manifest(src: ImageStore, dst: ImageStore, desc: Descriptor, platfo
     progress = Progress(sum(l.get("size", 0) for l in layers), enabled=opts.progress,
                         label=f"converting {platform or desc.digest[:19]}")
     known = set(chunk_dict.chunks) if chunk_dict else set()
-    stages = [ChunkStage(os.path.join(workdir, f"stage-{i}"), opts.compressor, pool) for i in range(len(layers))]
+    stages = [StagedLayer(os.path.join(workdir, f"stage-{i}")) for i in range(len(layers))]
 
+    # Each layer is converted by worker processes of its own (layerproc: tar parsing is
+    # GIL-bound); threads here only feed them, `opts.workers` layers at once, largest first.
     def read_layer(i: int) -> tuple[str, LayerTree]:
         name = f"layer {i} ({layers[i]['digest']})"
-        reader = LayerReader(name, opts.chunk_size, opts.digester, stages[i], seen=set(known))
+        worker = LayerWorker(name, opts.chunk_size, opts.digester, opts.compressor, stages[i].path, known,
+                             diff_ids[i])
         try:
             with src.open_blob(layers[i]["digest"]) as raw:
-                tree = reader.read(buffered(raw, progress.add), diff_ids[i])
+                tree, stages[i].chunks = worker.run(raw, progress.add)
         finally:
-            stages[i].close()
+            worker.close()
         return name, tree
 
-    # Layers are parsed concurrently (each its own thread); compression runs on `pool`.
-    with ThreadPoolExecutor(min(len(layers), 4) or 1, thread_name_prefix="layer") as layer_pool:
-        trees = list(layer_pool.map(read_layer, range(len(layers))))
+    order = sorted(range(len(layers)), key=lambda i: -layers[i].get("size", 0))
+    with ThreadPoolExecutor(max(1, min(len(layers), opts.workers)), thread_name_prefix="layer") as layer_pool:
+        done = dict(zip(order, layer_pool.map(read_layer, order)))
+    trees = [done[i] for i in range(len(layers))]
     progress.done()
     root = merge_layers(trees)
     prefetch = expand_prefetch(root, opts.prefetch_patterns)

@@ -133,4 +133,17 @@ def render(summary: dict) -> str:
         f"chunk size {summary['chunk_size']}  compressor {summary['compressor']}  digest {summary['digester']}",
         f"prefetch {len(summary['prefetch'])} entries" + "".join(f"\n  {p}" for p in summary["prefetch"][:20]),
     ]
+    if "learned" in summary:
+        lines.append(_learned_line(summary["learned"]))
     return "\n".join(lines)
+
+
+def _learned_line(learned: dict | None) -> str:
+    """The learned prefetch record (rafs.learned) next to the image, if any."""
+    if learned is None:
+        return "learned  none yet (made by the first mount that runs it; nydusify learned show REF)"
+    if "error" in learned:
+        return f"learned  cannot read: {learned['error']}"
+    return (f"learned  {learned['tag']}: {learned['chunks']} chunks, {learned['bytes'] / 1e6:.1f} MB from "
+            f"{learned['runs']} start(s){', PINNED' if learned['pinned'] else ''}; first files: "
+            + ", ".join(learned["first_files"][:5]))

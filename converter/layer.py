@@ -43,10 +43,14 @@ import zstandard
 from rafs import digest as digests
 from rafs.tree import ChunkRef, Inode, new_dir
 
+from .tarstream import Member, TarStream
+
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 XATTR_PAX_PREFIX = "SCHILY.xattr."
 _READ_BLOCK = 1 << 20
+_RAW_BLOCK = 4 << 20                # compressed bytes per zlib call
+_PLAIN_BLOCK = 16 << 20             # decompressed bytes per hand-off to the tar parser (fewer, larger views)
 MAX_SYMLINKS = 40                   # symlinks followed while resolving one parent path (Linux's limit)
 
 
@@ -76,7 +80,7 @@ def open_decompressed(raw: BinaryIO) -> BinaryIO:
     if head[:2] == b"\x1f\x8b":
         return _Gunzip(raw)
     if head == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=_READ_BLOCK, read_across_frames=True)
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=_RAW_BLOCK, read_across_frames=True)
     return raw
 
 
@@ -108,7 +112,7 @@ class _Gunzip(io.RawIOBase):
                 self._next_member()
                 continue
             if not self._in:
-                self._in = self._raw.read(_READ_BLOCK)
+                self._in = self._raw.read(_RAW_BLOCK)
                 if not self._in:
                     raise EOFError("Compressed file ended before the end-of-stream marker was reached")
             try:
@@ -184,8 +188,8 @@ def _raw(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
-def _mtime(ti: tarfile.TarInfo) -> tuple[int, int]:
-    text = ti.pax_headers.get("mtime")
+def _mtime(ti: Member) -> tuple[int, int]:
+    text = ti.pax.get("mtime")
     if text:
         value = Decimal(text)
         sec = int(value // 1)
@@ -193,11 +197,13 @@ def _mtime(ti: tarfile.TarInfo) -> tuple[int, int]:
     return int(ti.mtime), 0
 
 
-def _xattrs(ti: tarfile.TarInfo, kind: int) -> dict[bytes, bytes]:
+def _xattrs(ti: Member, kind: int) -> dict[bytes, bytes]:
     # An empty PAX value deletes the keyword (POSIX pax), so an empty xattr record sets nothing.
+    if not ti.pax:
+        return {}
     return {name: value for name, value in
             ((_raw(key[len(XATTR_PAX_PREFIX):]), _raw(value))
-             for key, value in ti.pax_headers.items() if key.startswith(XATTR_PAX_PREFIX) and value)
+             for key, value in ti.pax.items() if key.startswith(XATTR_PAX_PREFIX) and value)
             if unpacked_xattr(kind, name)}
 
 
@@ -241,28 +247,38 @@ class LayerReader:
         self.seen = set() if seen is None else seen   # digests already given to the sink
         self.tree = LayerTree()
         self.progress = progress
+        # The parent dir of the last entry: most entries share it. Valid while no entry
+        # replaces or removes a node (a new one changes no existing path's resolution).
+        self._dir_key: bytes | None = None
+        self._dir_hit: tuple[Inode, bytes] | None = None
 
     def read(self, raw: BinaryIO, diff_id: str | None = None) -> LayerTree:
         """Reads the whole stream; `diff_id` (sha256 of the plain tar) is checked when given."""
-        stream = _ReadAhead(open_decompressed(raw))
+        stream = _ReadAhead(open_decompressed(raw), _PLAIN_BLOCK, depth=2)
         try:
-            with tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape") as tf:
-                for ti in tf:
-                    self._entry(tf, ti)
-            # Read to the end: gzip checks its CRC only there, and the diff_id covers every byte.
-            while stream.read(_READ_BLOCK):
-                pass
-        except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as e:
-            raise LayerError(f"{self.name}: unreadable layer ({type(e).__name__}: {e})") from e
+            self.read_plain(stream.next_block)
         finally:
             stream.close()          # stops and joins the helper before the caller touches `raw` again
         if diff_id and diff_id != "sha256:" + stream.sha256.hexdigest():
             raise LayerError(f"{self.name}: uncompressed content does not match diff_id {diff_id}")
         return self.tree
 
+    def read_plain(self, next_block) -> LayerTree:
+        """Reads a plain tar given as blocks (`next_block()`, b"" at the end), to the end
+        (gzip checks its CRC only there, and a diff_id covers every byte); checks no diff_id."""
+        try:
+            tar = TarStream(next_block)
+            for member in tar:
+                self._entry(tar, member)
+            while next_block():
+                pass
+        except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as e:
+            raise LayerError(f"{self.name}: unreadable layer ({type(e).__name__}: {e})") from e
+        return self.tree
+
     # -- entries ---------------------------------------------------------
-    def _entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
-        raw_name = _raw(ti.name)
+    def _entry(self, tar: TarStream, ti: Member) -> None:
+        raw_name = ti.name
         parts = split_path(raw_name, self.name)
         if not parts:                       # "./": containerd ignores it (the root stays 0755 root:root)
             if ti.type == tarfile.DIRTYPE:
@@ -286,7 +302,7 @@ class LayerReader:
             raise LayerError(f"{self.name}: name longer than 255 bytes in {raw_name!r}")
         path = join(parent_path, base)
         if ti.type == tarfile.LNKTYPE:
-            self._hardlink(parent, base, path, _raw(ti.linkname), ti)
+            self._hardlink(parent, base, path, ti.linkname, ti)
             return
         kind = _TYPES.get(ti.type)
         if kind is None:
@@ -296,27 +312,29 @@ class LayerReader:
             node = old                      # re-declared dir keeps its children
             self.tree.implicit_dirs.discard(path)
         else:
+            if old is not None:
+                self._dir_key = None        # a replaced node may lie on the cached parent's path
             node = Inode(mode=kind)
             parent.entries[base] = node
             self.tree.implicit_dirs.discard(path)
         self._set_attrs(node, ti, kind)
         if kind == stat.S_IFLNK:
-            node.symlink = _raw(ti.linkname)
+            node.symlink = ti.linkname
             node.size = len(node.symlink)
         elif kind in (stat.S_IFCHR, stat.S_IFBLK):
             node.rdev = os.makedev(ti.devmajor, ti.devminor)
         elif kind == stat.S_IFREG:
             node.size = ti.size
-            node.chunks = self._chunks(tf.extractfile(ti), ti.size, raw_name)
+            node.chunks = self._chunks(tar.chunks(ti, self.chunk_size))
 
-    def _set_attrs(self, node: Inode, ti: tarfile.TarInfo, kind: int) -> None:
+    def _set_attrs(self, node: Inode, ti: Member, kind: int) -> None:
         node.mode = unpacked_mode(kind, ti.mode)
         node.uid, node.gid = ti.uid, ti.gid
         node.mtime, node.mtime_nsec = _mtime(ti)
         node.xattrs = _xattrs(ti, kind)
 
     @staticmethod
-    def _relink_attrs(node: Inode, ti: tarfile.TarInfo) -> None:
+    def _relink_attrs(node: Inode, ti: Member) -> None:
         """What containerd's createTarFile does to the inode a hardlink entry links to: lchown
         (the kernel drops security.capability with it), set the entry's xattrs, chmod
         (not for a symlink), set its mtime."""
@@ -329,10 +347,17 @@ class LayerReader:
     def _dir(self, parts: list[bytes], raw_name: bytes) -> tuple[Inode, bytes]:
         """The parent dir of an entry and its path, through this layer's symlinks; undeclared
         parents are created (applied trees make them 0755 root-owned; merge keeps a lower dir's attrs)."""
-        return resolve_dir(self.tree.root, parts, f"{self.name}: tar entry {raw_name!r}",
-                           self.tree.implicit_dirs)
+        key = b"/".join(parts)
+        if key == self._dir_key:
+            return self._dir_hit
+        found = resolve_dir(self.tree.root, parts, f"{self.name}: tar entry {raw_name!r}",
+                            self.tree.implicit_dirs)
+        self._dir_key, self._dir_hit = key, found
+        return found
 
-    def _hardlink(self, parent: Inode, base: bytes, path: bytes, target: bytes, ti: tarfile.TarInfo) -> None:
+    def _hardlink(self, parent: Inode, base: bytes, path: bytes, target: bytes, ti: Member) -> None:
+        if base in parent.entries:
+            self._dir_key = None            # replaced or removed below: see _dir
         target_parts = split_path(target, self.name)
         node = self.tree.root
         for part in target_parts:
@@ -349,15 +374,10 @@ class LayerReader:
         parent.entries.pop(base, None)
         self.tree.outer_links.append((path, b"/".join(target_parts)))
 
-    def _chunks(self, f: BinaryIO, size: int, name: bytes) -> list[ChunkRef]:
+    def _chunks(self, pieces) -> list[ChunkRef]:
         chunks: list[ChunkRef] = []
-        remaining = size
-        while remaining > 0:
-            want = min(self.chunk_size, remaining)
-            data = _read_exact(f, want)
-            if len(data) != want:
-                raise LayerError(f"{self.name}: tar entry {name!r} truncated")
-            remaining -= want
+        for data in pieces:
+            want = len(data)
             if self.progress:
                 self.progress(want)
             d = digests.digest(self.digester, data)
@@ -369,21 +389,19 @@ class LayerReader:
         return chunks
 
 
-class _ReadAhead(io.RawIOBase):
+class _ReadAhead:
     """Reads `inner` (the decompressing stream) in a helper thread, a few blocks ahead,
     and hashes what it read: the layer's diff_id, in `sha256` once EOF was read.
 
     zlib, zstd and sha256 release the GIL, so decompressing and hashing overlap
     with the tar parsing in the calling thread. An error of the helper is raised
-    by the next read. `close()` stops and joins the helper.
+    by the next `next_block()`. `close()` stops and joins the helper.
     """
 
     def __init__(self, inner: BinaryIO, block: int = _READ_BLOCK, depth: int = 4):
-        super().__init__()
         self.sha256 = hashlib.sha256()
         self._queue: queue.Queue = queue.Queue(depth)
         self._stop = threading.Event()
-        self._buf = memoryview(b"")
         self._end: BaseException | bool = False       # True at EOF, or the helper's error
         self._thread = threading.Thread(target=self._run, args=(inner, block), name="layer-read", daemon=True)
         self._thread.start()
@@ -407,50 +425,23 @@ class _ReadAhead(io.RawIOBase):
             except queue.Full:
                 continue
 
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            return b"".join(iter(lambda: self.read(_READ_BLOCK), b""))
-        while not self._buf and n:
-            if self._end is True:
-                return b""
-            if self._end:
-                raise self._end
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._end = item
-            elif not item:
-                self._end = True
-            else:
-                self._buf = memoryview(item)
-        out = bytes(self._buf[:n])
-        self._buf = self._buf[n:]
-        return out
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
+    def next_block(self) -> bytes:
+        """The next block as the helper read it (b"" at EOF); no copy."""
+        if self._end is True:
+            return b""
+        if self._end:
+            raise self._end
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._end = item
+            raise item
+        if not item:
+            self._end = True
+        return item
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-        super().close()
-
-
-def _read_exact(f: BinaryIO, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) == n or not data:
-        return data
-    buf = io.BytesIO(data)
-    while buf.tell() < n:
-        more = f.read(n - buf.tell())
-        if not more:
-            break
-        buf.write(more)
-    return buf.getvalue()
 
 
 def resolve_dir(root: Inode, parts: list[bytes], where: str,

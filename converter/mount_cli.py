@@ -4,7 +4,7 @@
                    [--plain-http] [--platform P] [--blob-dir DIR] [--daemon [--pid-file F]]
                    [--mirror SPEC ...] [--metrics-address HOST:PORT]
     nydusify umount MOUNTPOINT
-    nydusify stats MOUNTPOINT [--json]
+    nydusify stats MOUNTPOINT [--json] [--files]
 
 REF is a registry reference (blobs are read with HTTP Range requests, same
 auth as convert) or `oci:DIR[:TAG]` (blobs read from the layout), or a local
@@ -60,6 +60,8 @@ def add_parsers(sub, common, add_blob_dir=None) -> None:
     s = sub.add_parser("stats", help="what the daemon of MOUNTPOINT fetched, cached and served")
     s.add_argument("mountpoint")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--files", action="store_true",
+                   help="the access audit: each file read, when first (since the first read), which ranges")
     s.add_argument("--run-dir", help="state directory root")
 
 
@@ -130,9 +132,25 @@ def _stats(args) -> int:
     paths = state_paths(args.mountpoint, args.run_dir)
     if not os.path.exists(paths.api_sock):
         raise RafsError(f"no pynydus daemon serves {args.mountpoint} (no {paths.api_sock})")
-    st = ApiClient(paths.api_sock).stats()
+    client = ApiClient(paths.api_sock)
+    if args.files:
+        files = client.files()
+        print(json.dumps(files, indent=2) if args.json else render_files(files))
+        return 0
+    st = client.stats()
     print(json.dumps(st, indent=2, sort_keys=True) if args.json else render_stats(st))
     return 0
+
+
+def render_files(files: list[dict]) -> str:
+    """One line per file read, in first-access order: seconds since the first read, bytes, path, ranges."""
+    lines = [f"{'first s':>8} {'reads':>6} {'bytes':>12}  path  [offset+length ...]"]
+    for f in files:
+        rs = f["ranges"]
+        shown = " ".join(f"{o}+{n}" for o, n in rs[:6]) + (" ..." if len(rs) > 6 else "")
+        lines.append(f"{f['first_access_ms'] / 1000:8.3f} {f['reads']:6d} {f['bytes']:12,d}  {f['path']}  [{shown}]")
+    lines.append(f"{len(files)} files, {sum(f['bytes'] for f in files):,} bytes read")
+    return "\n".join(lines)
 
 
 def _mb(n: int) -> str:
@@ -153,6 +171,7 @@ def render_stats(st: dict) -> str:
         f"latency     p50 {lat.get('p50', 0)} ms, p90 {lat.get('p90', 0)} ms, p99 {lat.get('p99', 0)} ms, "
         f"max {lat.get('max', 0)} ms ({lat.get('count', 0)} fetches)",
         _render_link(st.get("link") or {}),
+        _render_learned(st.get("learned"), st.get("access") or {}),
         f"cache       {_mb(cache.get('disk_bytes', 0))} on disk, {cache.get('chunks_ready', 0)}/"
         f"{cache.get('chunks_total', 0)} chunks of open blobs ready; served {_mb(st['bytes_read'])}",
         (f"limit       {_mb(cache.get('limit_root_bytes', 0))} of {_mb(cache['max_size'])} used under "
@@ -160,6 +179,16 @@ def render_stats(st: dict) -> str:
          if cache.get("max_size") else f"limit       none; {cache.get('evictions', 0)} chunks evicted")
         + (f"; NOT CACHING: {cache['write_error']}" if cache.get("write_error") else ""),
     ])
+
+
+def _render_learned(learned: dict | None, access: dict) -> str:
+    files = f"{access.get('files_read', 0)} files read (nydusify stats MNT --files)" if access else ""
+    if learned is None:
+        return f"learned     off; {files}"
+    rec = learned.get("record")
+    used = (f"prefetching {rec['chunks']} chunks ({_mb(rec['bytes'])}) learned from {rec['runs']} start(s), "
+            f"{learned['source']}" if rec else "no record yet")
+    return f"learned     {learned['mode']}: {used}; published: {learned.get('published') or 'not yet'}; {files}"
 
 
 def _render_link(link: dict) -> str:

@@ -1,7 +1,7 @@
 """Chunk staging and blob layout.
 
-Layers convert concurrently, each compressing its distinct chunks into a
-staging file. Then, in layer order, `pack_blobs` writes the final blobs by
+Layers convert concurrently (`layerproc`), each compressing its distinct chunks
+into a staging file. Then, in layer order, `pack_blobs` writes the final blobs by
 copying compressed bytes: a chunk goes into the blob of the lowest layer that
 has it, unless a chunk dict already holds it. Output is therefore the same
 whatever order the layers finished in, and nothing is compressed twice.
@@ -12,20 +12,15 @@ then one contiguous run per blob, i.e. a few large range requests.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
+import mmap
 import os
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from rafs import blob as rblob
+from rafs import compress as rcompress
 from rafs.bootstrap import BlobInfo
 from rafs.tree import Inode, walk
-
-_MAX_IN_FLIGHT = 8          # batches being compressed per layer
-_BATCH_BYTES = 1 << 20      # small chunks go to the pool together: one hand-off per ~1 MiB, not per chunk
-# Memory per layer stays bounded by ~8 batches of ~1 MiB (or of one chunk, if chunks are larger).
-
 
 @dataclass(frozen=True)
 class StagedChunk:
@@ -36,49 +31,21 @@ class StagedChunk:
     flags: int
 
 
-def _prepare_batch(batch: list[tuple[bytes, bytes]], compressor: str) -> list[rblob.PreparedChunk]:
-    return [rblob.prepare_chunk(data, compressor, chunk_digest=digest) for data, digest in batch]
+@dataclass
+class StagedLayer:
+    """A layer's staging file and the chunks in it, in staging order (what `pack_blobs` reads)."""
+    path: str
+    chunks: list[StagedChunk] = field(default_factory=list)
 
 
-class ChunkStage:
-    """A `ChunkSink` that compresses chunks on a shared pool into a staging file, in order."""
-
-    def __init__(self, path: str, compressor: str, pool: Executor):
-        self.path = path
-        self.compressor = compressor
-        self.pool = pool
-        self.chunks: list[StagedChunk] = []
-        self._file = open(path, "wb")
-        self._pending: collections.deque = collections.deque()
-        self._batch: list[tuple[bytes, bytes]] = []
-        self._batch_bytes = 0
-
-    def add(self, data: bytes, digest: bytes) -> None:
-        self._batch.append((data, digest))
-        self._batch_bytes += len(data)
-        if self._batch_bytes >= _BATCH_BYTES:
-            self._submit()
-
-    def _submit(self) -> None:
-        if self._batch:
-            self._pending.append(self.pool.submit(_prepare_batch, self._batch, self.compressor))
-            self._batch, self._batch_bytes = [], 0
-        if len(self._pending) >= _MAX_IN_FLIGHT:
-            self._drain_one()
-
-    def _drain_one(self) -> None:
-        for chunk in self._pending.popleft().result():
-            offset = self._file.tell()
-            self._file.write(chunk.payload)
-            self.chunks.append(StagedChunk(chunk.digest, chunk.plain_size, offset, len(chunk.payload), chunk.flags))
-
-    def close(self) -> None:
-        try:
-            self._submit()
-            while self._pending:
-                self._drain_one()
-        finally:
-            self._file.close()
+def stage_payload(plain, compressor: str) -> tuple[bytes, int]:
+    """(payload, flags) of one chunk as a blob stores it: compressed alone, or plain when
+    compression does not shrink it (`rblob.prepare_chunk`'s rule)."""
+    if compressor != "none":
+        packed = rcompress.compress(compressor, plain)
+        if len(packed) < len(plain):
+            return packed, rblob.FLAG_COMPRESSED
+    return plain, 0
 
 
 @dataclass
@@ -108,7 +75,7 @@ class ChunkDict:
             self.chunks.setdefault(entry.digest, (info.blob_id, entry))
 
 
-def pack_blobs(stages: list[ChunkStage], workdir: str, compressor: str, digester: str,
+def pack_blobs(stages: list[StagedLayer], workdir: str, compressor: str, digester: str,
                chunk_dict: ChunkDict | None = None, head: list[bytes] = (), *,
                chunk_size: int = rblob.CHUNK_SIZE_DEFAULT) -> tuple[list[PackedBlob], dict[bytes, Owner]]:
     """Write one blob per layer holding the chunks no lower layer or dict holds.
@@ -123,16 +90,24 @@ def pack_blobs(stages: list[ChunkStage], workdir: str, compressor: str, digester
     for i, stage in enumerate(stages):
         tmp = os.path.join(workdir, f"blob-{i}.tmp")
         placed: list[rblob.ChunkEntry] = []
-        with open(stage.path, "rb") as src, open(tmp, "wb") as out:
-            writer = rblob.BlobWriter(out, compressor=compressor, digester=digester)
-            for sc in _head_first(stage.chunks, head):
-                if sc.digest in owner or sc.digest in claimed:
-                    continue
-                src.seek(sc.offset)
-                placed.append(writer.add_compressed(src.read(sc.size), sc.plain_size, sc.digest, sc.flags))
-                claimed.add(sc.digest)      # blob id known after finish()
-            summary = writer.finish() if placed else None
-            blob_meta = writer.blob_meta_file if placed else b""
+        with open(stage.path, "rb") as src, open(tmp, "wb", buffering=1 << 20) as out:
+            # the staging file mapped: payloads are slices of it, not a seek and a read each
+            staged = mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) if stage.chunks else b""
+            view = memoryview(staged)
+            try:
+                writer = rblob.BlobWriter(out, compressor=compressor, digester=digester)
+                for sc in _head_first(stage.chunks, head):
+                    if sc.digest in owner or sc.digest in claimed:
+                        continue
+                    placed.append(writer.add_compressed(view[sc.offset:sc.offset + sc.size], sc.plain_size,
+                                                        sc.digest, sc.flags))
+                    claimed.add(sc.digest)      # blob id known after finish()
+                summary = writer.finish() if placed else None
+                blob_meta = writer.blob_meta_file if placed else b""
+            finally:
+                view.release()
+                if stage.chunks:
+                    staged.close()
         if summary is None:
             os.unlink(tmp)
             continue

@@ -163,5 +163,9 @@ class ApiClient:
     def stats(self) -> dict:
         return self.request("GET", "/stats")
 
+    def files(self) -> list[dict]:
+        """The access audit (rafs.access): files read, in first-access order."""
+        return self.request("GET", "/files")["files"]
+
     def umount(self) -> dict:
         return self.request("POST", "/umount")

@@ -5,6 +5,11 @@ data read of the image then arrives here as a (large) read of one of these
 files, and goes to `RafsFs.read_blob` -> the blob cache. A chunk that cannot
 be fetched or fails verification is EIO to the kernel, which hands EIO to the
 reader.
+
+Cached data does not come here (see `MountDaemon._kernel_plan`): a blob whose cache is complete and
+verified is mounted with its cache data file as the EROFS device itself, and under a holder
+(`rafs.fuseproto`) the chunks of a partial cache are stored into the blob files' page cache at
+mount. This libfuse path (no holder) gets the first only.
 """
 from __future__ import annotations
 

@@ -92,6 +92,8 @@ class MountConfig:
     description: dict = field(default_factory=dict)     # ref, cache dir, backend (shown by stats)
     fuse_fd: int | None = None      # a /dev/fuse fd from the holder (rafs.holder): serve it with rafs.fuseproto
     adopt: bool = False             # ... whose connection is mounted and initialised already (failover)
+    learner: object | None = None   # rafs.learned.Learner: the learned prefetch record to use and publish
+    learn_window: float = 30.0      # seconds from the first read that count as the container's start
 
 
 class MountDaemon:
@@ -122,6 +124,10 @@ class MountDaemon:
         self._prefetch_thread: threading.Thread | None = None
         self.prefetch_state = "none"
         self._stats_saved: dict | None = None   # what save_stats() wrote last
+        self.fs.access.window = cfg.learn_window
+        self.fs.access.enabled = not cfg.adopt     # an adopting daemon came in mid-run: not a start
+        self._file_index = None                    # rafs.access.FileIndex, built by the first audit request
+        self._learn_done = threading.Event()
         self.handover = False          # stop without unmounting: a new daemon serves the connection
 
     # ------------------------------------------------------------------ start
@@ -338,20 +344,154 @@ class MountDaemon:
         from .fuse import FuseServer
         atomic_write(self.paths.image, self.raw, mode=0o600)
         os.makedirs(self.paths.blobs, mode=0o700, exist_ok=True)
-        if self.cfg.fuse_fd is not None:
-            from .fuseproto import BlobInodes
-            self._serve_fd(BlobInodes(self.fs, int(self.started * 1e9)), self.paths.blobs, "pynydus-blobs")
-        else:
-            self._fuse = FuseServer(BlobFsOps(self.fs, int(self.started * 1e9)), self.paths.blobs,
-                                    blobfs_options(self._fsname(), direct_io=True))
-            self._fuse.start()
-        devices = [os.path.join(self.paths.blobs, str(i)) for i in range(len(self.boot.meta.blobs))]
-        before = erofs_bdis()
-        mount_erofs(self.paths.image, devices, self.mountpoint)
+        direct, stored = self._kernel_plan()
+        try:
+            if self.cfg.fuse_fd is not None:
+                from .fuseproto import BlobInodes
+                self._serve_fd(BlobInodes(self.fs, int(self.started * 1e9), cached=stored), self.paths.blobs,
+                               "pynydus-blobs")
+            else:
+                self._fuse = FuseServer(BlobFsOps(self.fs, int(self.started * 1e9)), self.paths.blobs,
+                                        blobfs_options(self._fsname(), direct_io=True))
+                self._fuse.start()
+            devices = [direct.get(i) or os.path.join(self.paths.blobs, str(i))
+                       for i in range(len(self.boot.meta.blobs))]
+            before = erofs_bdis()
+            try:
+                mount_erofs(self.paths.image, devices, self.mountpoint)
+            except OSError as e:
+                if not direct:
+                    raise
+                log.warning("mounting with cache files as devices failed (%s); all blobs through FUSE", e)
+                self._kernel_unpin(direct)
+                direct = {}
+                mount_erofs(self.paths.image, [os.path.join(self.paths.blobs, str(i))
+                                               for i in range(len(self.boot.meta.blobs))], self.mountpoint)
+        except BaseException:
+            self._kernel_unpin(direct)
+            raise
         self._kernel_mounted = True
         new = erofs_bdis() - before
         if len(new) == 1:          # EROFS's own readahead sizes the (direct) reads Python sees
             self._set_read_ahead(new.pop())
+        unsealed = [i for i in range(len(self.fs.blobs)) if i not in direct]
+        if stored:
+            self._kernel_fill_state("running")
+        # in the background: the mount is usable now (reads that come before their chunk is stored ask)
+        threading.Thread(target=self._kernel_background, args=(stored, unsealed), daemon=True,
+                         name=f"kernel-fill {self.mountpoint}").start()
+
+    # Cached data at kernel speed (erofs mode). A blob whose cache is complete and sealed is the EROFS
+    # device itself (`device=<cache>/<id>.blob`, pinned against eviction while mounted:
+    # rafs.storage.cache.kernel). A cache is sealed once every chunk of it was verified: at the close of
+    # a daemon that verified them all, or by the background thread of a mount that finds it complete
+    # but unsealed (that mount still reads it through FUSE). The chunks a partial cache holds are
+    # stored into the kernel's page cache of their blob file by a background thread started right
+    # after the mount (FUSE_NOTIFY_STORE,
+    # holder connections only; a read that comes before its chunk is stored is answered as usual), at
+    # most KERNEL_FILL_MAX bytes ($PYNYDUS_KERNEL_FILL_MAX overrides it; 0: none). Either way a read of
+    # cached data never reaches this process.
+    KERNEL_FILL_MAX = 512 << 20
+
+    def _kernel_fill_max(self) -> int:
+        v = os.environ.get("PYNYDUS_KERNEL_FILL_MAX", "")
+        try:
+            return int(v) if v else self.KERNEL_FILL_MAX
+        except ValueError:
+            return self.KERNEL_FILL_MAX
+
+    def _kernel_token(self) -> str:
+        return os.path.basename(self.paths.dir.rstrip("/")) or "mount"
+
+    def _kernel_plan(self) -> tuple[dict[int, str], dict[int, list]]:
+        """({blob index: cache data file the kernel reads directly}, {blob index: view spans of a
+        partial cache to store into the kernel's page cache})."""
+        direct: dict[int, str] = {}
+        stored: dict[int, list] = {}
+        holder = os.environ.get("PYNYDUS_HOLDER_PID", "")
+        pids = [os.getpid()] + ([int(holder)] if holder.isdigit() else [])
+        for i in range(len(self.fs.blobs)):
+            try:
+                cache = self.fs.blob_cache(i)
+            except (OSError, RafsError) as e:
+                log.debug("blob #%d: no cache to read directly: %s", i, e)
+                continue
+            device = getattr(cache, "kernel_device", None)
+            path = device(self._kernel_token(), mountpoint=self.mountpoint, image=self.paths.image,
+                          pids=pids, verify=False) if device is not None else None
+            if path is not None and "," not in path:
+                direct[i] = path
+                continue
+            if path is not None:
+                cache.kernel_release(self._kernel_token())
+            if self.cfg.fuse_fd is not None and hasattr(cache, "present_spans") and self._kernel_fill_max() > 0:
+                spans = cache.present_spans()
+                if spans:
+                    stored[i] = spans
+        if direct:
+            log.info("%s: %d of %d blob(s) read by the kernel from the cache directly", self.mountpoint,
+                     len(direct), len(self.fs.blobs))
+        return direct, stored
+
+    def _kernel_fill_state(self, state: str) -> None:
+        if hasattr(self.caches, "kernel_fill"):
+            self.caches.kernel_fill = state
+
+    def _kernel_unpin(self, direct: dict[int, str]) -> None:
+        for i in direct:
+            try:
+                self.fs.blob_cache(i).kernel_release(self._kernel_token())
+            except (OSError, RafsError):
+                pass
+
+    def _kernel_background(self, stored: dict[int, list], unsealed: list[int]) -> None:
+        """Fill the kernel's page cache with the cached chunks of `stored`; then seal the blobs of
+        `unsealed` whose cache is complete (verifying what is not verified yet), so that the next mount
+        reads them without this process."""
+        try:
+            if stored:
+                self._fill_kernel_cache(stored)
+            for i in unsealed:
+                if self._stopped or self.handover:
+                    return
+                cache = self.fs.blob_cache(i)
+                if hasattr(cache, "seal") and cache.seal():
+                    log.info("%s: blob #%d is complete and verified: the next mount reads it from %s",
+                             self.mountpoint, i, cache.data_path)
+        except Exception as e:            # noqa: BLE001 - never take the daemon down (closing, a bad chunk)
+            if not self._stopped:
+                log.warning("%s: filling / sealing the kernel's cached data: %s", self.mountpoint, e)
+
+    def _fill_kernel_cache(self, stored: dict[int, list]) -> None:
+        """Store the cached chunks of `stored` ({blob index: view spans}) into the kernel's page cache
+        of their blob files (read through the cache: verified), up to KERNEL_FILL_MAX bytes."""
+        t0 = time.monotonic()
+        total = 0
+        limit = self._kernel_fill_max()
+        fuse = self._fuse
+        for i, spans in stored.items():
+            cache = self.fs.blob_cache(i)
+            for off, size in spans:
+                if total + size > limit or self._stopped or self.handover or fuse.done.is_set():
+                    break
+                try:
+                    data = cache.read_cached(off, size)
+                except RafsError as e:          # the kernel will ask for it (and get the error)
+                    log.debug("blob #%d: not storing %d+%d: %s", i, off, size, e)
+                    if self._stopped:
+                        break
+                    continue
+                try:
+                    fuse.notify_store(i + 2, off, data)
+                except OSError as e:
+                    if not fuse.done.is_set():
+                        log.warning("blob #%d: the kernel refused cached data (%s); reads ask the daemon", i, e)
+                    break
+                total += len(data)
+                cache.note_kernel_stored(len(data))
+        self._kernel_fill_state("done")
+        log.info("%s: %d bytes of cached chunks stored in the kernel's page cache in %.3f s", self.mountpoint,
+                 total, time.monotonic() - t0)
 
     def _find_mount_id(self) -> int | None:
         found = [m for m in mounts_at(self.mountpoint) if is_ours(m, self.paths)]
@@ -367,18 +507,27 @@ class MountDaemon:
         self._api = ApiServer(self.paths.api_sock, {
             ("GET", "/daemon"): lambda: (200, self.describe()),
             ("GET", "/stats"): lambda: (200, self.stats()),
+            ("GET", "/files"): lambda: (200, {"files": self.file_accesses()}),
             ("POST", "/umount"): umount_route,
         }).start()
 
     def _start_prefetch(self) -> None:
         entries = list(self.boot.meta.prefetch)
-        if not entries and not self.cfg.prefetch_all:
+        learner = self.cfg.learner if not self.cfg.adopt else None
+        if learner is not None and learner.mode == "auto":
+            threading.Thread(target=self._learn_window, name="learn", daemon=True).start()
+        if not entries and not self.cfg.prefetch_all and (learner is None or learner.mode == "off"):
             return
 
         def work():
             try:
                 self.prefetch_state = "running"
                 futures = self.fs.prefetch(entries) if entries else []
+                if not entries and learner is not None:
+                    rec = learner.load()       # the image's own list wins; else what earlier starts read
+                    if rec is not None:
+                        self.prefetch_state = "running (learned)"
+                        self._prefetch_learned(rec)
                 if self.cfg.prefetch_all:
                     futures += self.fs.prefetch_all()
                 for f in futures:
@@ -394,6 +543,46 @@ class MountDaemon:
 
         self._prefetch_thread = threading.Thread(target=work, name="prefetch", daemon=True)
         self._prefetch_thread.start()
+
+    # ------------------------------------------------------------------ learned prefetch, audit
+    def _prefetch_learned(self, rec) -> None:
+        """Fetch what earlier starts read, wave after wave in first-access order; the chunks are
+        scattered over the blobs, so each wave's requests go in parallel (one at a time, as a
+        low-priority prefetch goes, would cost a round trip each)."""
+        for wave in rec.plan(self.boot):
+            if self._stopped:
+                return
+            for f in self.fs.prefetch_wave(wave):
+                try:
+                    f.result()
+                except Exception as e:          # logged by the cache; the next wave still helps
+                    log.debug("learned prefetch: %s", e)
+
+    def _learn_window(self) -> None:
+        """Publish this start's reads once its window is over (or at stop, whichever is first)."""
+        access = self.fs.access
+        while not self._learn_done.wait(0.5):
+            if access.window_over():
+                self._publish_learned()
+                return
+
+    def _publish_learned(self) -> None:
+        learner = self.cfg.learner
+        if learner is None or self.cfg.adopt or learner.mode != "auto" or not self.fs.access.started:
+            return
+        self._learn_done.set()
+        try:
+            learner.publish(self.boot, self.fs.access.start_events(), self.file_accesses())
+        except Exception as e:                   # a record is never worth a failed unmount
+            log.warning("learned prefetch: %s", e)
+
+    def file_accesses(self) -> list[dict]:
+        """The access audit: the files read so far, in first-access order (rafs.access)."""
+        from .access import FileIndex, file_accesses
+        erofs = self.mode == "erofs"
+        if self._file_index is None or (erofs and not self._file_index.extents):
+            self._file_index = FileIndex(self.boot, extents=erofs)
+        return file_accesses(self.fs.access, self._file_index, from_blobs=erofs)
 
     # ------------------------------------------------------------------ reporting
     def describe(self) -> dict:
@@ -421,6 +610,9 @@ class MountDaemon:
         out["link"] = st["link"]
         out["image_bytes"] = sum(b.compressed_size for b in self.boot.meta.blobs)
         out["storage"] = st
+        out["access"] = self.fs.access.summary()
+        if self.cfg.learner is not None:
+            out["learned"] = dict(self.cfg.learner.state)
         return out
 
     def _write_info(self) -> None:
@@ -573,6 +765,7 @@ class MountDaemon:
                 return
             self._stopped = True
         errors = []
+        self._learn_done.set()
         if self.handover:
             return self._hand_over()
         try:
@@ -580,6 +773,8 @@ class MountDaemon:
         except OSError as e:
             errors.append(e)
             log.error("unmounting %s: %s", self.mountpoint, e)
+        if self.mode:
+            self._publish_learned()              # a start shorter than its window
         self._end_holder()
         if self._api is not None:
             self._api.close()

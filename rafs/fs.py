@@ -19,6 +19,7 @@ import threading
 from collections import defaultdict
 from typing import Iterable
 
+from .access import AccessLog
 from .bootstrap import Bootstrap, BlobInfo, PrefetchEntry
 from .erofs import layout as L
 from .errors import RafsError
@@ -43,6 +44,7 @@ class RafsFs:
         self.counters = ReadCounters()
         self.readahead = Readahead()
         self._prefetch_end: dict[int, int] = {}    # blob -> end of the view ranges prefetch fetches
+        self.access = AccessLog()                  # what was read, in order (learned prefetch, audit)
 
     # ------------------------------------------------------------------ names
     def resolve(self, path: bytes) -> int | None:
@@ -134,6 +136,7 @@ class RafsFs:
             log.debug("readahead of blob #%d: %s", index, e)
 
     def _blob_bytes(self, index: int, offset: int, end: int) -> bytes:
+        self.access.blob_read(index, offset, end)
         data = self.blob_cache(index).read(offset, end - offset)
         if len(data) < end - offset:      # a view shorter than the bootstrap says: pad like a hole
             data += bytes(end - offset - len(data))
@@ -142,6 +145,7 @@ class RafsFs:
     def read(self, nid: int, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of regular file `nid`, clipped to its size."""
         self.counters.add(size, file=True)
+        self.access.file_read(nid, offset, size)
         info = self.boot.getattr(nid)
         ahead = self.readahead.advance(("file", nid), offset, size, info.size)
         if ahead is not None:
@@ -150,7 +154,7 @@ class RafsFs:
                 if ext.blob_index >= 0:
                     by_blob[ext.blob_index].append((ext.blob_offset, ext.length))
             for index, ranges in by_blob.items():
-                self._fetch_ahead(index, _merge(ranges))
+                self._fetch_ahead(index, join_gaps(ranges, 0))
         parts = []
         for ext in self.boot.file_extents(nid, offset, size):
             if ext.blob_index < 0:
@@ -186,7 +190,7 @@ class RafsFs:
                 for ext in self.boot.file_extents(fnid, off, length):    # clipped to the file's size
                     if ext.blob_index >= 0:
                         ranges[ext.blob_index].append((ext.blob_offset, ext.length))
-        return {i: _merge(r) for i, r in ranges.items()}
+        return {i: join_gaps(r, 0) for i, r in ranges.items()}
 
     def _files_under(self, nid: int, seen: set[int]) -> Iterable[int]:
         stack = [nid]
@@ -210,6 +214,17 @@ class RafsFs:
         for index, ranges in self.prefetch_ranges(entries).items():
             self._prefetch_end[index] = max(self._prefetch_end.get(index, 0), ranges[-1][0] + ranges[-1][1])
             futures.append(self.blob_cache(index).prefetch(ranges, low_priority=low_priority))
+        return futures
+
+    def prefetch_wave(self, wave) -> list:
+        """Fetch one wave of blob view ranges, [(blob index, [(offset, size)])] (`rafs.learned`), the
+        way a read does (its requests in parallel); each blob's ranges are joined over gaps cheaper to
+        fetch than another request (the link's measured bandwidth-delay product). Returns the Futures."""
+        futures = []
+        for index, ranges in wave:
+            cache = self.blob_cache(index)
+            gap = cache.cost_model.amplify_bytes()
+            futures.append(cache.prefetch(join_gaps(ranges, gap), low_priority=False))
         return futures
 
     def prefetch_all(self) -> list:
@@ -280,11 +295,12 @@ class ReadCounters:
                     "bytes_requested": self.bytes, "largest_request": self.largest}
 
 
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def join_gaps(ranges: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """Sorted (offset, size) ranges, neighbours at most `gap` bytes apart joined into one."""
     out: list[list[int]] = []
     for off, size in sorted(ranges):
-        if out and off <= out[-1][0] + out[-1][1]:
+        if out and off - (out[-1][0] + out[-1][1]) <= gap:
             out[-1][1] = max(out[-1][1], off + size - out[-1][0])
         else:
             out.append([off, size])
-    return [(o, s) for o, s in out]
+    return [(o, n) for o, n in out]

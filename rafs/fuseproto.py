@@ -10,7 +10,9 @@ handles carry nothing a new daemon would not know, and FORGET / RELEASE keep no 
 
 Served: INIT (fresh connections), LOOKUP, FORGET, BATCH_FORGET, GETATTR, READLINK, OPEN, READ,
 RELEASE, OPENDIR, READDIR, RELEASEDIR, STATFS, GETXATTR, LISTXATTR, ACCESS, FLUSH, INTERRUPT,
-DESTROY; writes get EROFS and anything else ENOSYS.
+DESTROY; writes get EROFS and anything else ENOSYS. Sent: FUSE_NOTIFY_RESEND (adoption) and
+FUSE_NOTIFY_STORE (`notify_store`: erofs mode puts the blob cache's verified chunks into the kernel's
+page cache of the blob files at mount, so reading cached data costs no request).
 
 The filesystems: `TreeInodes` (fuse mode: the image's tree from a `RafsFs`) and `BlobInodes`
 (erofs mode: the blob-view files "0".."N-1" that kernel EROFS reads). `FuseConnServer` runs a pool
@@ -43,7 +45,7 @@ WRITES = {SETATTR, SYMLINK, MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, WRITE, SE
           CREATE, FALLOCATE, RENAME2, COPY_FILE_RANGE, TMPFILE, FSYNC, FSYNCDIR}
 NO_REPLY = {FORGET, BATCH_FORGET, INTERRUPT}
 
-NOTIFY_RESEND = 7
+NOTIFY_STORE, NOTIFY_RESEND = 4, 7
 
 # INIT flags we ask for (those the kernel offers)
 ASYNC_READ, BIG_WRITES, ASYNC_DIO, PARALLEL_DIROPS = 1 << 0, 1 << 5, 1 << 15, 1 << 18
@@ -67,6 +69,7 @@ XATTR_IN = struct.Struct("<II")                # size padding
 XATTR_OUT = struct.Struct("<II")
 ACCESS_IN = struct.Struct("<I")
 OPEN_IN = struct.Struct("<I")
+NOTIFY_STORE_OUT = struct.Struct("<QQII")      # nodeid offset size padding
 
 MAX_WRITE = 1 << 20
 MAX_PAGES_N = 256                              # 1 MiB requests
@@ -93,8 +96,10 @@ def pack_attr(st: dict) -> bytes:
 class TreeInodes:
     """fuse mode: the whole tree of `fs` (a RafsFs). Node id 1 is the root; any other nid n is n + 2
     (stable across daemons: derived from the image only)."""
-    open_flags = FOPEN_KEEP_CACHE
     dir_flags = FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR
+
+    def open_flags(self, node: int) -> int:
+        return FOPEN_KEEP_CACHE
 
     def __init__(self, fs):
         self.fs = fs
@@ -146,14 +151,23 @@ class TreeInodes:
 
 
 class BlobInodes:
-    """erofs mode: a flat directory of blob views, "0".."N-1" (node id i + 2), read-only, direct I/O."""
-    open_flags = FOPEN_DIRECT_IO
+    """erofs mode: a flat directory of blob views, "0".."N-1" (node id i + 2), read-only.
+
+    A blob file is opened with direct I/O (EROFS caches what it reads in its own page cache; a
+    second copy in the blob file's would be waste), except the blobs in `cached` (indexes): those
+    are opened through the page cache and kept (FOPEN_KEEP_CACHE), so that the chunks the daemon
+    stores there at mount (`FuseConnServer.notify_store`: the blob cache's verified chunks) are
+    read by the kernel without a request. The erofs mount opens each blob file once, at mount."""
     dir_flags = 0
 
-    def __init__(self, fs, mtime_ns: int = 0):
+    def __init__(self, fs, mtime_ns: int = 0, cached=()):
         self.fs = fs
         self.count = len(fs.blobs)
         self.t = mtime_ns
+        self.cached = set(cached)
+
+    def open_flags(self, node: int) -> int:
+        return FOPEN_KEEP_CACHE if node - 2 in self.cached else FOPEN_DIRECT_IO
 
     def _index(self, node: int) -> int:
         i = node - 2
@@ -281,6 +295,18 @@ class FuseConnServer:
             log.warning("FUSE_NOTIFY_RESEND failed (%s): requests a dead daemon held may hang", e)
             return False
 
+    def notify_store(self, node: int, offset: int, data) -> None:
+        """FUSE_NOTIFY_STORE: put `data` into the kernel's page cache of `node` at `offset` (the
+        kernel then reads those pages without asking). Only for files opened without direct I/O
+        and kept cached; OSError if the kernel refuses (ENOENT: it does not know the node)."""
+        view = memoryview(data)
+        while view.nbytes:
+            part = view[:MAX_WRITE]
+            n = part.nbytes
+            os.writev(self.fd, [OUT_HEADER.pack(OUT_HEADER.size + NOTIFY_STORE_OUT.size + n, NOTIFY_STORE, 0),
+                                NOTIFY_STORE_OUT.pack(node, offset, n, 0), part])
+            view, offset = view[n:], offset + n
+
     @property
     def running(self) -> bool:
         return bool(self._workers) and not self.done.is_set()
@@ -387,7 +413,7 @@ class FuseConnServer:
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
                 raise OSError(errno.EROFS, "read-only")
             fs.open(node)
-            return OPEN_OUT.pack(node, fs.open_flags, 0)
+            return OPEN_OUT.pack(node, fs.open_flags(node), 0)
         if opcode == OPENDIR:
             fs.opendir(node)
             return OPEN_OUT.pack(node, fs.dir_flags, 0)

@@ -92,6 +92,7 @@ def add_mount_options(parser, *, caches: CacheBuilder = DIRECT_CACHES, cache_dir
     --metrics-address, and those of `caches`.
     The image and the mountpoint are the entry point's own."""
     from .daemon import MODES
+    from .learned import DEFAULT_WINDOW, LEARN_MODES
     parser.add_argument("--mode", choices=MODES, default="auto",
                         help="erofs: kernel EROFS over FUSE blob files; fuse: all in FUSE; "
                              "auto (default): erofs where the kernel supports it")
@@ -104,6 +105,13 @@ def add_mount_options(parser, *, caches: CacheBuilder = DIRECT_CACHES, cache_dir
                         help="the directory --cache-max-size covers, shared with the other daemons under it "
                              "(default: --cache-dir; the snapshotter passes its cache root)")
     parser.add_argument("--prefetch-all", action="store_true", help="fetch whole blobs in the background")
+    parser.add_argument("--learn", choices=LEARN_MODES, default="auto",
+                        help="learned prefetch (rafs.learned), for images without a prefetch list of their own: "
+                             "auto (default): prefetch what earlier starts of the image read, and publish this "
+                             "start's reads (next to the image, and in the cache dir); use: prefetch, never "
+                             "publish; off: neither")
+    parser.add_argument("--learn-window", type=float, default=DEFAULT_WINDOW, metavar="SECONDS",
+                        help=f"the seconds from the first read that count as the start (default {DEFAULT_WINDOW:g})")
     parser.add_argument("--run-dir", required=require_state,
                         help="state directory root (default $PYNYDUS_RUN_DIR or /run/pynydus)")
     parser.add_argument("--pid-file", required=require_state, help="write the daemon's pid here")
@@ -262,7 +270,8 @@ def launch(args, open_image: Callable[[], tuple[bytes, Any, dict]], *, report: C
             daemon = MountDaemon(raw, manager, MountConfig(
                 mountpoint=args.mountpoint, mode=args.mode, prefetch_all=args.prefetch_all,
                 run_dir=args.run_dir, pid_file=args.pid_file, description=desc,
-                fuse_fd=held[0] if held else None, adopt=bool(held and held[1])))
+                fuse_fd=held[0] if held else None, adopt=bool(held and held[1]),
+                learner=_learner(args, raw, desc), learn_window=getattr(args, "learn_window", 30.0)))
         except BaseException:
             manager.close()
             raise
@@ -286,6 +295,22 @@ def launch(args, open_image: Callable[[], tuple[bytes, Any, dict]], *, report: C
             metrics.close()
     print(f"unmounted {daemon.mountpoint}: {why}", flush=True)
     return 0
+
+
+def _learner(args, raw: bytes, desc: dict):
+    """The mount's learned prefetch (rafs.learned): records on this node in <cache dir>/learned, and
+    next to the image when it came from a registry or an OCI layout."""
+    from .learned import Learner, LocalRecords, image_records, record_key
+    mode = getattr(args, "learn", "auto")
+    if mode == "off":
+        return None
+    ref = desc.get("ref") or ""
+    remote = None
+    if ref and not os.path.exists(ref):           # not a local bootstrap or blob file
+        remote = image_records(ref, plain_http=getattr(args, "plain_http", False),
+                               hosts_dir=getattr(args, "hosts_dir", None) or None,
+                               config_dir=getattr(args, "docker_config", None))
+    return Learner(mode, record_key(raw), LocalRecords(os.path.join(args.cache_dir, "learned")), remote)
 
 
 def _serve_metrics(daemon, address: str):

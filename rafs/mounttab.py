@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from .errors import RafsError
 from .kmount import umount
-from .osutil import MountEntry, mountinfo  # noqa: F401  (MountEntry, mountinfo: part of this API)
+from .osutil import MountEntry, mountinfo, process_starttime  # noqa: F401  (part of this API)
 
 __all__ = ["DEFAULT_RUN_DIR", "BUSY_GRACE", "MountBusy", "StatePaths", "run_dir", "state_paths", "read_info",
            "process_starttime", "daemon_alive", "MountEntry", "mountinfo", "mounts_at", "erofs_bdis", "is_ours",
@@ -106,20 +106,6 @@ def erofs_bdis() -> set[str]:
         return {n for n in os.listdir("/sys/class/bdi") if n.startswith("erofs-")}
     except OSError:
         return set()
-
-
-def process_starttime(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (tells a reused pid apart);
-    None if there is no such process or it is a zombie (dead, not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
 
 
 def daemon_alive(info: dict | None) -> bool:

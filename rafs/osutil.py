@@ -279,3 +279,17 @@ def mounts_below(path) -> list[str]:
     p = _resolved(path)
     root = p.rstrip("/") + "/"
     return [m.target for m in mountinfo() if m.target == p or m.target.startswith(root)]
+
+
+def process_starttime(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (tells a reused pid apart);
+    None if there is no such process or it is a zombie (dead, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])

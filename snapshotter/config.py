@@ -9,6 +9,10 @@
     mode = "auto"                         # auto | fuse | erofs  (auto: erofs when the kernel can)
     cache_dir = ""                        # default ROOT/cache; shared by every image (chunks dedup by blob)
     prefetch = false                      # fetch whole blobs in the background after mounting
+    learn = "auto"                        # learned prefetch for images without a prefetch list: auto = prefetch
+                                          # what earlier starts read and publish this start's reads (next to the
+                                          # image in its registry, and in the cache dir); use = never publish; off
+    learn_window = 30.0                   # seconds from a mount's first read that count as the start
     startup_timeout = 30.0                # seconds for a mount daemon to come up
     restart = true                        # watch mount daemons; restart a dead one and repair its mount
     run_dir = ""                          # daemon state + API sockets (default /run/nydus-snapshotter/<hash>)
@@ -64,6 +68,7 @@ DEFAULT_ROOT = "/var/lib/nydus-snapshotter"
 DEFAULT_ADDRESS = "/run/nydus-snapshotter/snapshotter.sock"
 MODES = ("auto", "fuse", "erofs")
 MOUNT_AT = ("pull", "run")
+LEARN = ("auto", "use", "off")      # rafs.learned.LEARN_MODES (the config module imports no rafs)
 
 
 @dataclass
@@ -71,6 +76,8 @@ class DaemonConfig:
     mode: str = "auto"
     cache_dir: str = ""
     prefetch: bool = False
+    learn: str = "auto"            # rafs.learned: auto | use | off
+    learn_window: float = 30.0
     startup_timeout: float = 30.0
     restart: bool = True
     run_dir: str = ""              # daemons' state (api sockets); default /run/nydus-snapshotter/<hash of root>
@@ -208,6 +215,8 @@ def load_config(path: str | None = None, **overrides) -> Config:
         raise ValueError(f"daemon.mode {cfg.daemon.mode!r} is not one of {', '.join(MODES)}")
     if cfg.daemon.mount_at not in MOUNT_AT:
         raise ValueError(f"daemon.mount_at {cfg.daemon.mount_at!r} is not one of {', '.join(MOUNT_AT)}")
+    if cfg.daemon.learn not in LEARN:
+        raise ValueError(f"daemon.learn {cfg.daemon.learn!r} is not one of {', '.join(LEARN)}")
     if not isinstance(cfg.metrics.address, str):
         raise ValueError(f"metrics.address {cfg.metrics.address!r} is not a \"HOST:PORT\" string")
     if cfg.metrics.address:

@@ -219,6 +219,7 @@ class RafsMounts:
             args.append("--plain-http")
         if self.cfg.daemon.prefetch:
             args.append("--prefetch-all")
+        args += ["--learn", self.cfg.daemon.learn, "--learn-window", str(self.cfg.daemon.learn_window)]
         args += self.cfg.p2p.daemon_args()
         args += self.cfg.backend.mirror_args(host)
         args += self.cfg.cache.daemon_args(self.cfg.cache_dir)     # the node's one cache limit

@@ -117,7 +117,9 @@ class SnapshotterProcess:
 
     def _write_config(self, config: dict) -> None:
         lines = []
-        tables = {"daemon": {"cache_dir": str(self.cache), **config.get("daemon", {})},
+        # learned prefetch off unless a test asks for it: tests and benchmarks count exact fetches and
+        # registry requests, and a record left by an earlier test would prefetch more
+        tables = {"daemon": {"cache_dir": str(self.cache), "learn": "off", **config.get("daemon", {})},
                   "backend": config.get("backend", {})}
         for k, v in config.items():
             if isinstance(v, dict):

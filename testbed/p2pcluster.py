@@ -170,7 +170,7 @@ class Cluster:
                     str(mnt)]
             print_ready = True
         run_dir = self.run_root / name
-        argv += ["--cache-dir", str(d / "cache"), "--run-dir", str(run_dir), "--plain-http",
+        argv += ["--cache-dir", str(d / "cache"), "--run-dir", str(run_dir), "--plain-http", "--learn", "off",
                  *p2p, *extra]
         out = open(log, "wb")
         env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -94,14 +94,16 @@ class Mounter:
         self._n = 0
 
     def mount(self, ref: str, *, mode: str, mountpoint: Path | None = None, cache_dir: Path | None = None,
-              extra: tuple = (), plain_http: bool = True, check: bool = True) -> Mounted:
+              extra: tuple = (), plain_http: bool = True, check: bool = True, learn: str = "off") -> Mounted:
+        """`learn` off by default: tests count exact fetches, and a record an earlier test published
+        for the same image would prefetch more (tests/integration/test_learned.py turns it on)."""
         self._n += 1
         mnt = mountpoint or self.base / f"mnt{self._n}"
         mnt.mkdir(parents=True, exist_ok=True)
         cache = cache_dir or self.base / f"cache{self._n}"
         pid_file = self.base / f"pid{self._n}"
         args = ["mount", ref, mnt, "--mode", mode, "--cache-dir", cache, "--run-dir", self.run_dir,
-                "--daemon", "--pid-file", pid_file, *extra]
+                "--daemon", "--pid-file", pid_file, "--learn", learn, *extra]
         if plain_http:
             args.append("--plain-http")
         r = nydusify(*args)

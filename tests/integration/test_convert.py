@@ -717,8 +717,9 @@ def test_inspect_and_export_a_local_bootstrap_with_blob_dir(awkward_image, conve
     assert [b["id"] for b in info["blobs"]] == [b.blob_id for b in boot.meta.blobs]
     for b in info["blobs"]:
         assert b["local_size"] == b["compressed_size"] == (blob_dir / b["id"]).stat().st_size
+    assert by_ref["learned"] is None and "learned" not in info     # a record lives next to an image
     assert {k: v for k, v in info.items() if k != "blobs"} == {k: v for k, v in by_ref.items()
-                                                               if k not in ("blobs", "layers")}
+                                                               if k not in ("blobs", "layers", "learned")}
     # the bootstrap alone inspects too (nothing to say about blob files then)
     alone = json.loads(nydusify("inspect", "--json", boot_file, check=True).stdout)
     assert alone["inodes"] == info["inodes"] and all("local_size" not in b for b in alone["blobs"])

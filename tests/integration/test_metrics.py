@@ -122,7 +122,7 @@ def test_mount_metrics_after_a_lazy_read(mode, mounter, lazy_ref, lazy_source, r
 
 def test_mount_metrics_address_errors(mounter, lazy_ref, tmp_path):
     r = nydusify("mount", lazy_ref, tmp_path / "m1", "--mode", "fuse", "--cache-dir", tmp_path / "c",
-                 "--plain-http", "--daemon", "--run-dir", tmp_path / "run", "--metrics-address", "9110")
+                 "--plain-http", "--daemon", "--run-dir", tmp_path / "run", "--metrics-address", "9110", "--learn", "off")
     assert r.returncode != 0 and "want HOST:PORT" in r.stderr, r.stderr
     with socket.socket() as busy:                   # the port is taken: the mount fails, says why, nothing stays
         busy.bind(("127.0.0.1", 0))
@@ -131,7 +131,7 @@ def test_mount_metrics_address_errors(mounter, lazy_ref, tmp_path):
         mnt = tmp_path / "m2"
         mnt.mkdir()
         r = nydusify("mount", lazy_ref, mnt, "--mode", "fuse", "--cache-dir", tmp_path / "c", "--plain-http",
-                     "--daemon", "--run-dir", tmp_path / "run", "--metrics-address", address)
+                     "--daemon", "--run-dir", tmp_path / "run", "--metrics-address", address, "--learn", "off")
     assert r.returncode != 0 and f"cannot serve metrics on {address}" in r.stderr + r.stdout, r.stdout + r.stderr
     assert not os.path.ismount(mnt)
 

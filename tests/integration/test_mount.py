@@ -268,7 +268,8 @@ def test_foreground_daemon_stops_cleanly(mode, how, tmp_path, lazy_ref, lazy_sou
     mnt.mkdir()
     paths = state_paths(str(mnt), str(run_dir))
     proc = subprocess.Popen([sys.executable, "-m", "converter.cli", "mount", lazy_ref, str(mnt), "--mode", mode,
-                             "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(run_dir), "--plain-http"],
+                             "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(run_dir), "--plain-http",
+                             "--learn", "off"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
     try:

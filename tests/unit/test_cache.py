@@ -438,8 +438,9 @@ def test_only_chunk_data_is_fetched_and_counted(tmp_path):
         snap = json.loads(json.dumps(c.metrics.snapshot()))
         assert snap["bytes_fetched"] == blob.data_end < len(blob.data)
         assert snap["sources"][backend.name]["bytes"] == blob.data_end
+    # .seal: every chunk was verified here, so a later mount may let the kernel read the data file
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".blob", ".chunkmap",
-                                                                          ".lock"]
+                                                                          ".lock", ".seal"]
 
 
 # --------------------------------------------------------------------------- shared cache dir

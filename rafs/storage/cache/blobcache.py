@@ -106,6 +106,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 from rafs.blob import ChunkEntry
+from rafs.errors import RafsError
 from rafs.image.digests import normalize_blob_id
 
 from ..backend.base import BlobBackend
@@ -113,10 +114,11 @@ from ..chunks import blob_chunks
 from ..metrics import StorageMetrics
 from .amplify import FetchCostModel
 from .files import CacheClosed, CacheFiles
-from .flush import DEFAULT_FLUSH_CHUNKS, DEFAULT_FLUSH_INTERVAL, MISSING, ReadyState
+from .flush import DEFAULT_FLUSH_CHUNKS, DEFAULT_FLUSH_INTERVAL, MISSING, READY, ReadyState
 from .prefetch import DemandGate, Prefetcher
 from .evict import CacheBudget
-from .reader import ChunkReader, Pending, disk_span
+from .kernel import add_pin, entries_key, erofs_mounted_at, pinned, remove_pin, sealed, stackable, write_seal
+from .reader import BLOCK, ChunkReader, Pending, disk_span
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +198,11 @@ class BlobCache:
                                    cost_model=self.cost_model, budget=budget, tenant=self)
         self._prefetcher = Prefetcher(self.name, f"prefetch-{self.blob_id[:12]}", self.gate,
                                       fetch_all=self._fetch_all, fetch_next=self._fetch_next)
-        self._files.open(self._ready.load)
+        # mount token -> (mountpoint, image): mounts that read the data file directly (kernel_device)
+        self._kernel_pins: dict[str, tuple[str, str]] = {}
+        self.kernel_stored = 0             # bytes a mount stored into the kernel's page cache (note_kernel_stored)
+        # a live mount reading the data file directly: never discard it, whatever the chunkmap says
+        self._files.open(lambda sole: self._ready.load(sole and not pinned(self.data_path)))
         if budget is not None:             # what the data file holds already is the least recently used
             budget.register(self)
             for k, e in enumerate(self.entries):
@@ -244,8 +250,10 @@ class BlobCache:
         self._reader.shutdown()
         if self.budget is not None:
             self.budget.unregister(self)
+        self._drop_dead_pins()
         try:
             self.flush()
+            self._seal_if_verified()
         except OSError as e:               # a full disk: the map on disk stays as it was (never wrong)
             log.warning("%s: cannot write cache state %s: %s", self.name, self.map_path, e)
         finally:
@@ -311,7 +319,7 @@ class BlobCache:
 
     def _fetch_all(self, indices: list[int]) -> int:
         with self._using():
-            _, _, fetched = self._reader.ensure(indices, urgent=False, keep=False)
+            _, _, fetched = self._reader.ensure(indices, urgent=False, keep=False, prefetch=True)
         return fetched
 
     def _fetch_next(self, indices: list[int], pos: int) -> tuple[int, int]:
@@ -325,8 +333,10 @@ class BlobCache:
         read has it pinned, a fetch or re-check has it in flight, or another process shares the data
         file (it may be serving those bytes); else the bytes the data file shrank by."""
         files = self._files
+        if self._kernel_pins:              # a mount of ours reads the data file directly
+            return None
         with files.sole_use() as sole:
-            if not sole:
+            if not sole or pinned(self.data_path):     # ... or someone else's (a daemon in failover)
                 return None
             with self._lock:
                 if self._closing or self._ready.state[i] == MISSING or i in self._reader.inflight \
@@ -340,6 +350,133 @@ class BlobCache:
                 freed = max(0, before - files.disk_bytes())
         self.metrics.evicted(1)
         return freed
+
+    # ------------------------------------------------------------------ the kernel reading the cache
+    def present_spans(self, max_run: int = 4 << 20) -> list[tuple[int, int]]:
+        """View ranges holding the chunks the data file has (ready or vouched for by the chunkmap),
+        whole 4 KiB blocks (the padding after a chunk reads as zeros), neighbours merged up to
+        `max_run` bytes; in view order."""
+        with self._lock:
+            state = bytes(self._ready.state)
+        runs: list[list[int]] = []
+        for k, e in enumerate(self.entries):
+            if state[k] == MISSING or not e.uncompressed_size:
+                continue
+            lo = e.uncompressed_offset
+            hi = min(-(-e.uncompressed_end // BLOCK) * BLOCK, self.view_size)
+            if runs and runs[-1][1] == lo and hi - runs[-1][0] <= max_run:
+                runs[-1][1] = hi
+            else:
+                runs.append([lo, hi])
+        return [(lo, hi - lo) for lo, hi in runs]
+
+    def read_cached(self, offset: int, size: int) -> bytes:
+        """`read`, for data the cache holds (the spans of `present_spans`): one pread, the chunkmap's
+        chunks re-checked on the bytes read; a chunk that is not there or fails its re-check is
+        fetched (as `read` does). Counted as a read."""
+        end = min(offset + size, self.view_size)
+        if offset < 0 or offset >= end:
+            return b""
+        with self._using():
+            out = self._reader.read_cached(offset, end)
+        if out is None:
+            return self.read(offset, size)
+        n = len(self._reader.span(offset, end))
+        self.metrics.read(len(out), n, 0)
+        return out
+
+    def kernel_device(self, token: str, *, mountpoint: str, image: str, pids=(), verify: bool = True) -> str | None:
+        """The data file's path, for the kernel to read this blob from directly (EROFS `device=`),
+        if every chunk is in it and verified; else None.
+
+        Verified means sealed (`kernel.sealed`: checked before, the data file unchanged since) or, with
+        `verify`, checked now (`seal`: every chunk re-checked, the data file read whole; a mount
+        passes False and seals in the background for the next one). The data file is pinned first,
+        for mount `token` (at `mountpoint`, of bootstrap `image`, kept by processes `pids`): from then
+        on no process punches it or discards it; `kernel_release` (or the mount's end:
+        `kernel.pinned`) unpins it."""
+        with self._lock:
+            if self._closing or not self.entries or self._ready.ready_count != len(self.entries):
+                return None
+        if not stackable(self.data_path):
+            log.info("%s: %s is on a stacked filesystem; the kernel reads it through FUSE", self.name,
+                     self.data_path)
+            return None
+        add_pin(self.data_path, token, mountpoint=mountpoint, image=image, pids=pids)
+        self._kernel_pins[token] = (mountpoint, image)
+        try:
+            with self._using():
+                fd = self._files.fileno()
+                if not sealed(self.data_path, fd, entries_key(self.entries)):
+                    if not verify:
+                        self.kernel_release(token)
+                        return None
+                    if not self.seal():
+                        raise RafsError("chunks went missing while verifying")
+                if os.stat(self.data_path).st_ino != os.fstat(fd).st_ino:
+                    raise RafsError(f"{self.data_path} was replaced")
+        except (OSError, RafsError) as e:
+            log.warning("%s: the kernel will not read %s directly: %s", self.name, self.data_path, e)
+            self.kernel_release(token)
+            return None
+        return self.data_path
+
+    def seal(self) -> bool:
+        """If the cache is complete: verify every chunk not verified yet in this process (re-checked
+        against the chunkmap's xxh64 on the bytes on disk; one that fails is fetched and verified
+        again), fdatasync and write the seal (`kernel.write_seal`): the next mount may let the kernel
+        read the data file directly. False if it is not complete (or a chunk went missing)."""
+        with self._lock:
+            if self._closing or not self.entries or self._ready.ready_count != len(self.entries):
+                return False
+        with self._using():
+            fd = self._files.fileno()
+            key = entries_key(self.entries)
+            if sealed(self.data_path, fd, key):
+                return True
+            log.info("%s: verifying every chunk of %s for the kernel to read it", self.name, self.data_path)
+            for lo in range(0, len(self.entries), 64):     # in steps: close() does not wait for all of it
+                with self._lock:
+                    if self._closing:
+                        return False
+                self._reader.ensure(range(lo, min(lo + 64, len(self.entries))), urgent=False, keep=False)
+            with self._lock:
+                if not all(st == READY for st in self._ready.state):
+                    return False
+            self.flush()                       # fdatasync: the seal names the bytes on disk
+            write_seal(self.data_path, fd, key)
+        return True
+
+    def _seal_if_verified(self) -> None:
+        """At close, after the flush: a complete cache whose every chunk this process verified (fetched
+        and checked, or re-checked) is sealed, so the next mount lets the kernel read it without
+        reading it all again first."""
+        with self._lock:
+            verified = bool(self.entries) and all(st == READY for st in self._ready.state)
+        if verified:
+            fd = self._files.fileno()
+            key = entries_key(self.entries)
+            if not sealed(self.data_path, fd, key):
+                write_seal(self.data_path, fd, key)
+
+    def kernel_release(self, token: str) -> None:
+        """Mount `token` no longer reads the data file directly (it is unmounted)."""
+        self._kernel_pins.pop(token, None)
+        remove_pin(self.data_path, token)
+
+    def note_kernel_stored(self, nbytes: int) -> None:
+        """A mount stored `nbytes` of this cache's chunks into the kernel's page cache (reported)."""
+        self.kernel_stored += nbytes
+
+    @property
+    def kernel_pinned(self) -> bool:
+        return bool(self._kernel_pins)
+
+    def _drop_dead_pins(self) -> None:
+        """At close: the pins of our mounts that are gone (a handover keeps them: still mounted)."""
+        for token, (mountpoint, image) in list(self._kernel_pins.items()):
+            if not erofs_mounted_at(mountpoint, image):
+                self.kernel_release(token)
 
     # ------------------------------------------------------------------ reporting
     def usage(self) -> dict:
@@ -359,6 +496,8 @@ class BlobCache:
             "bytes_ready": ready_bytes,
             "chunks_inflight": inflight,
             "complete": ready == len(self.entries),
+            "kernel_direct": bool(self._kernel_pins),
+            "kernel_stored_bytes": self.kernel_stored,
             "write_error": self._reader.write_error,
         }
 

@@ -162,6 +162,9 @@ class CacheFiles:
             raise
 
     # ------------------------------------------------------------------ the data file
+    def fileno(self) -> int:
+        return self._fd
+
     def size(self) -> int:
         return os.fstat(self._fd).st_size
 

@@ -52,6 +52,9 @@ class CacheManager:
         self._caches: dict[str, BlobCache] = {}
         self._opening: dict[str, Future] = {}     # blob id -> the BlobCache being opened
         self._closed = False
+        # the mount's filling of the kernel's page cache with cached chunks (erofs mode, set by the
+        # daemon): "none", "running" or "done"
+        self.kernel_fill = "none"
 
     def open(self, info) -> BlobCache:
         """The BlobCache of blob `info` (a BlobInfo), opened on first use (reads its chunkmap;
@@ -128,6 +131,11 @@ class CacheManager:
                 "bytes_ready", "chunks_inflight")
         totals = {k: sum(u[k] for u in blobs.values()) for k in keys}
         totals["blobs"] = len(blobs)
+        # cached data at kernel speed (erofs mode): blobs the kernel reads from the cache's data file
+        # directly, and bytes of cached chunks stored into the kernel's page cache at mount
+        totals["kernel_direct_blobs"] = sum(bool(u.get("kernel_direct")) for u in blobs.values())
+        totals["kernel_stored_bytes"] = sum(u.get("kernel_stored_bytes", 0) for u in blobs.values())
+        totals["kernel_fill"] = self.kernel_fill
         totals["evictions"] = self.metrics.snapshot()["evictions"]
         errors = [u["write_error"] for u in blobs.values() if u.get("write_error")]
         totals["write_error"] = errors[0] if errors else None

@@ -143,12 +143,7 @@ class ChunkReader:
                     raise RafsError(f"{self.name}: cache file {self.files.data_path} is truncated")
                 out += more
         finally:
-            with self._lock:
-                for i in span:
-                    if pins[i] == 1:
-                        del pins[i]
-                    else:
-                        pins[i] -= 1
+            self._unpin(span)
         if self.budget is not None:
             self.budget.touch(self.tenant, span)
         if mem or self._partial:
@@ -163,6 +158,55 @@ class ChunkReader:
             out = bytes(buf)
         return out, hits, misses
 
+    def read_cached(self, offset: int, end: int) -> bytes | None:
+        """The bytes of view range [offset, end) if every chunk in it is in the data file, else None;
+        never fetches. One pread; chunks the chunkmap vouches for (UNCHECKED) are re-checked on
+        those very bytes (their xxh64), and None if one fails (`read` then fetches it again)."""
+        span = self.span(offset, end)
+        pins, state = self.pins, self.ready.state
+        with self._lock:
+            if any(state[i] == MISSING for i in span):
+                return None
+            for i in span:
+                pins[i] = pins.get(i, 0) + 1
+        try:
+            out = self.files.pread(end - offset, offset)
+            if len(out) != end - offset:
+                return None
+            view = memoryview(out)
+            for i in span:
+                if state[i] != UNCHECKED:
+                    continue
+                e = self.entries[i]
+                with self._lock:
+                    expected = self.ready.map.xxh64(e.index)
+                lo = e.uncompressed_offset - offset
+                if lo < 0 or e.uncompressed_end > end or \
+                        chunk_xxh64(view[lo:lo + e.uncompressed_size], e.digest) != expected:
+                    return None
+                with self._lock:
+                    if state[i] == UNCHECKED:
+                        state[i] = READY
+        finally:
+            self._unpin(span)
+        if self.budget is not None:
+            self.budget.touch(self.tenant, span)
+        if self._partial:
+            buf = bytearray(out)
+            self._zero_outside(buf, offset, end)
+            out = bytes(buf)
+        return out
+
+    def _unpin(self, span: range) -> None:
+        """Undo a read's pins of chunks `span` (evictable again once no read holds them)."""
+        pins = self.pins
+        with self._lock:
+            for i in span:
+                if pins[i] == 1:
+                    del pins[i]
+                else:
+                    pins[i] -= 1
+
     def _zero_outside(self, buf: bytearray, offset: int, end: int) -> None:
         """Zero the bytes of view range [offset, end) (in `buf`) that lie in none of this cache's
         entries: the data file may hold chunks another bootstrap of the blob fetched there, and
@@ -176,13 +220,14 @@ class ChunkReader:
         if pos < end:
             buf[pos - offset:] = bytes(end - pos)
 
-    def ensure(self, indices: Sequence[int], *, urgent: bool,
-               keep: bool = True) -> tuple[dict[int, bytes], int, int]:
+    def ensure(self, indices: Sequence[int], *, urgent: bool, keep: bool = True,
+               prefetch: bool = False) -> tuple[dict[int, bytes], int, int]:
         """Make chunks `indices` ready; returns (memory-only chunks, hits, misses).
 
         Re-checks UNCHECKED chunks, fetches MISSING ones (merged, with readahead
         when `urgent`), waits for chunks other threads are fetching; raises the
-        error of any chunk that cannot be made ready. The first dict holds the
+        error of any chunk that cannot be made ready (`prefetch`: no read asked for them, count
+        them as prefetched). The first dict holds the
         plain bytes of chunks that were fetched but could not be written to the
         data file (only if `keep`).
         """
@@ -234,7 +279,7 @@ class ChunkReader:
                     self._recheck(i, p)
                     waits.append((i, p))
                 if batches:
-                    self._run_batches(batches)
+                    self._run_batches(batches, prefetch=prefetch)
                     waits.extend((i, p) for b, p in batches for i in b if i in wanted)
                 error: BaseException | None = None
                 for i, p in waits:
