@@ -1,6 +1,8 @@
 """`nydusify learned show|pin|unpin|reset REF`: the learned prefetch record of an image (rafs.learned).
 
     nydusify learned show REF [--files] [--json]   # what earlier starts read, in first-access order
+    nydusify learned show REF --patterns >LIST     # ... as a --prefetch-patterns file: convert again with it
+                                                   # and the chunks move to the blobs' heads (a learned layout)
     nydusify learned pin REF                       # keep it as it is: mounts use it, never merge into it
     nydusify learned unpin REF
     nydusify learned reset REF [--pin]             # start over (with --pin: no learned prefetch for REF)
@@ -31,6 +33,8 @@ def add_parser(sub, common) -> None:
         if name == "show":
             s.add_argument("--files", action="store_true", help="list the files and ranges read")
             s.add_argument("--json", action="store_true")
+            s.add_argument("--patterns", action="store_true",
+                           help="print the files and ranges read as a `nydusify convert --prefetch-patterns` file")
         if name == "reset":
             s.add_argument("--pin", action="store_true", help="and pin it: no learned prefetch for this image")
         common(s)
@@ -73,6 +77,9 @@ def run(args) -> int:
         records.put(key, replace_pinned(rec, args.learned_command == "pin"))
         print(f"{args.learned_command}ned {where}: {rec.summary()['chunks']} chunks, {rec.runs} runs")
         return 0
+    if args.patterns:
+        print(patterns(rec), end="")
+        return 0
     if args.json:
         print(json.dumps({"tag": record_tag(key), **rec.summary(),
                           **({"files": [{"path": p, "first_access_ms": t, "ranges": [list(r) for r in rs]}
@@ -80,6 +87,18 @@ def run(args) -> int:
         return 0
     print(render(rec, where, files=args.files))
     return 0
+
+
+def patterns(rec: LearnedRecord) -> str:
+    """The record's files as prefetch patterns (`PATH<TAB>OFFSET+LENGTH,...`), in first-access order; a
+    path a line cannot carry (tab, newline) is left out with a comment."""
+    lines = [f"# learned from {rec.runs} start(s) of bootstrap {rec.bootstrap}"]
+    for path, _, ranges in rec.files:
+        if "\t" in path or "\n" in path or "\r" in path:
+            lines.append(f"# left out: {path!r}")
+        elif ranges:
+            lines.append(path + "\t" + ",".join(f"{o}+{n}" for o, n in ranges))
+    return "\n".join(lines) + "\n"
 
 
 def render(rec: LearnedRecord, where: str, *, files: bool = False) -> str:

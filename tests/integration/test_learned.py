@@ -92,6 +92,18 @@ def test_one_start_teaches_the_next_node(mode, mounter, lazy_source, registry_se
     assert rec["tag"] == record_tag(image_key(ref))
     assert is_subsequence(["/" + p for p, _, _ in READS], [f["path"] for f in rec["files"]])
     assert "learned" in nydusify("inspect", ref, "--plain-http", check=True).stdout
+    if mode == "fuse":         # the record as a prefetch list: converted again, the chunks move to the blob's head
+        listing = nydusify("learned", "show", ref, "--plain-http", "--patterns", check=True).stdout
+        lines = [ln.split("\t") for ln in listing.splitlines() if not ln.startswith("#")]
+        assert is_subsequence(["/" + p for p, _, _ in READS], [ln[0] for ln in lines]), listing
+        listing_file = a.cache_dir.parent / "learned-patterns.txt"
+        listing_file.write_text(listing)
+        laid = ref.rsplit(":", 1)[0] + ":laid-out"
+        nydusify("convert", "--source", ref.replace("learned/teach-fuse", "learned/teach-fuse-src"),
+                 "--target", laid, "--plain-http", "--chunk-size", "64K", "--prefetch-patterns", listing_file,
+                 check=True)
+        info = json.loads(nydusify("inspect", laid, "--plain-http", "--json", check=True).stdout)
+        assert [ln[0] for ln in lines] == [p.split("\t")[0] for p in info["prefetch"]][:len(lines)], info["prefetch"]
 
     mark = registry_session.mark()
     b = mounter.mount(ref, mode=mode, learn="auto")            # another node: a fresh cache
