@@ -748,6 +748,10 @@ class MountDaemon:
             self.caches.close()
         except Exception as e:
             log.error("closing the cache: %s", e)
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        """Close the wake pipe and the state lock (closing it releases the mountpoint to the next daemon)."""
         fds = (self._wake_r, self._wake_w, self._lock_fd)
         self._wake_r = self._wake_w = -1
         self._lock_fd = None
@@ -801,14 +805,6 @@ class MountDaemon:
                 os.rmdir(self.paths.dir)    # (kept when it holds daemon.log)
             except OSError:
                 pass
-        fds = (self._wake_r, self._wake_w, self._lock_fd)
-        self._wake_r = self._wake_w = -1
-        self._lock_fd = None               # closing it releases the mountpoint to the next daemon
-        for fd in fds:
-            if fd is not None and fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        self._close_fds()
         if errors:
             raise errors[0]

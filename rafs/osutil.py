@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import re
 import threading
@@ -293,3 +294,14 @@ def process_starttime(pid: int) -> int | None:
     if fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
+
+
+@contextlib.contextmanager
+def flocked(thread_lock, fd: int) -> Iterator[None]:
+    """Hold `thread_lock` (this process's threads) and an exclusive flock on `fd` (other processes)."""
+    with thread_lock:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)

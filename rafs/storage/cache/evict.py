@@ -42,7 +42,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator, Protocol
 
-from rafs.osutil import tree_usage
+from rafs.osutil import flocked, tree_usage
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +153,8 @@ class CacheBudget:
     # -- making room
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        with self._room_lock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        with flocked(self._room_lock, self._lock_fd):
+            yield
 
     @contextmanager
     def room(self, nbytes: int) -> Iterator[bool]:

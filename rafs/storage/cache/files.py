@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
 
 from rafs.errors import RafsError
+from rafs.osutil import flocked
 
 T = TypeVar("T")
 
@@ -110,12 +111,8 @@ class CacheFiles:
     def xlock(self) -> Iterator[None]:
         """The exclusive cross-process (and cross-thread) lock of this blob's cache files (short steps
         only)."""
-        with self._xlock_here:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        with flocked(self._xlock_here, self._lock_fd):
+            yield
 
     @contextmanager
     def sole_use(self) -> Iterator[bool]:
